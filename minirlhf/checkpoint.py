@@ -1,0 +1,187 @@
+"""Checkpoints: one file per stage holding everything a run needs to continue or be reused.
+
+    save_checkpoint(path, model=policy, model_kind="gpt", config=cfg, tokenizer=tok,
+                    step=step, optimizer=opt, rng=rng_state(gen))
+    ck = load_checkpoint(path)                          # a plain dict of tensors and numbers
+    model = model_from_checkpoint(ck)                   # GPT or ScalarHeadModel, weights loaded
+
+Safety rules (DESIGN.md, "Reliability"):
+- Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to disk,
+  then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact.
+- Loads use `torch.load(weights_only=True)`: only tensors, numbers, strings, lists and dicts are
+  ever unpickled, so a checkpoint cannot run code. A truncated, foreign or mismatched file gives
+  one clear `CheckpointError` naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import numpy as np
+import torch
+
+from .model import GPT, GPTConfig, ScalarHeadModel
+
+FORMAT = "minirlhf-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit what was asked of it."""
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a failed write (disk full, Ctrl-C) leaves no half-written temp file
+        raise
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every random state a run draws from, in weights_only-safe types."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, *, model, model_kind: str, config, tokenizer, step: int,
+                    optimizer=None, rng: dict | None = None, extra: dict | None = None) -> None:
+    """model_kind: "gpt" or "scalar"; config: the run's dataclass; tokenizer: a Tokenizer."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "model_kind": model_kind,
+        "model_config": dataclasses.asdict(model.config),
+        "model": state,
+        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+        "tokenizer": tokenizer.reference(),
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng,
+        "extra": extra or {},
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not "
+                              f"saved by minirlhf): {reason}") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minirlhf checkpoint (format field missing)")
+    return ck
+
+
+def check_compatible(ck: dict, path: str, *, model_config: GPTConfig | None = None,
+                     tokenizer=None) -> None:
+    """Refuse a checkpoint whose model shape or tokenizer differs from what the run uses."""
+    if model_config is not None:
+        want, have = dataclasses.asdict(model_config), ck["model_config"]
+        diff = [f"{k}={have.get(k)} (run wants {v})" for k, v in want.items()
+                if k != "dropout" and have.get(k) != v]
+        if diff:
+            raise CheckpointError(f"{path}: checkpoint is for another model config: "
+                                  + ", ".join(diff))
+    if tokenizer is not None:
+        have = ck["tokenizer"].get("fingerprint")
+        if have != tokenizer.fingerprint():
+            raise CheckpointError(f"{path}: checkpoint was trained with another tokenizer "
+                                  f"(fingerprint {have}, this run uses {tokenizer.fingerprint()})")
+
+
+def model_from_checkpoint(ck: dict, path: str = "checkpoint", kind: str | None = None):
+    """Build the model a checkpoint describes and load its weights."""
+    cfg = GPTConfig(**ck["model_config"])
+    kind = kind or ck["model_kind"]
+    if kind != ck["model_kind"]:
+        raise CheckpointError(f"{path}: holds a '{ck['model_kind']}' model, expected '{kind}'")
+    model = GPT(cfg) if kind == "gpt" else ScalarHeadModel(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model config: "
+                              f"{str(e).splitlines()[0][:160]}") from None
+    return model
+
+
+# --- a stage's folder: OUT/checkpoint.pt + OUT/tokenizer.tiktoken -------------------------------
+CHECKPOINT = "checkpoint.pt"
+TOKENIZER = "tokenizer.tiktoken"
+
+
+def save_stage(out: str, *, model, model_kind: str, config, tokenizer, step: int,
+               optimizer=None, rng=None, extra=None) -> str:
+    """Write OUT/tokenizer.tiktoken (world tokenizers), then OUT/checkpoint.pt — the checkpoint
+    is written last, so a folder whose checkpoint loads always has its tokenizer."""
+    from .tokenizer import Tokenizer, TokenizerError  # local: the tokenizer is optional here
+    if tokenizer.kind == "world":
+        tok_path = os.path.join(out, TOKENIZER)
+        try:
+            same = Tokenizer.load(tok_path).fingerprint() == tokenizer.fingerprint()
+        except TokenizerError:
+            same = False
+        if not same:
+            tokenizer.save(tok_path)
+    path = os.path.join(out, CHECKPOINT)
+    save_checkpoint(path, model=model, model_kind=model_kind, config=config, tokenizer=tokenizer,
+                    step=step, optimizer=optimizer, rng=rng, extra=extra)
+    return path
+
+
+def load_tokenizer_for(ck: dict, folder: str):
+    """The tokenizer a checkpoint was trained with (its fingerprint is checked)."""
+    from .tokenizer import Tokenizer, TokenizerError
+    ref = ck["tokenizer"]
+    try:
+        if ref["kind"] == "world":
+            tok = Tokenizer.load(os.path.join(folder, TOKENIZER))
+        else:
+            tok = Tokenizer.gpt2(None if ref["source"] == "gpt2" else ref["source"])
+    except TokenizerError as e:
+        raise CheckpointError(f"{folder}: the checkpoint's tokenizer cannot be loaded: {e}") from None
+    if tok.fingerprint() != ref["fingerprint"]:
+        raise CheckpointError(f"{folder}: {TOKENIZER} does not match the checkpoint "
+                              f"(fingerprint {tok.fingerprint()} vs {ref['fingerprint']})")
+    return tok
+
+
+def load_stage(path: str, kind: str | None = None, device="cpu"):
+    """A stage folder (or its checkpoint.pt) -> (model on device, tokenizer, checkpoint dict)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    ck_path = os.path.join(folder, CHECKPOINT) if os.path.isdir(path) else path
+    ck = load_checkpoint(ck_path)
+    model = model_from_checkpoint(ck, ck_path, kind).to(device)
+    return model, load_tokenizer_for(ck, folder), ck

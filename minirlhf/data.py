@@ -1,0 +1,260 @@
+"""JSONL data files: read and validate SFT, preference and prompt files; write them atomically.
+
+    from minirlhf.data import read_sft, read_prefs, read_prompts, write_jsonl
+    rows = read_sft("data/sft.jsonl", tokenizer=tok, max_len=72)   # [{"prompt", "completion"}]
+    pairs = read_prefs("data/prefs.jsonl")                 # [{"prompt", "chosen", "rejected"}]
+    prompts = read_prompts("data/prompts.jsonl")                    # [{"prompt"}]
+    write_jsonl("out/samples.jsonl", rows)                          # all rows or no file at all
+
+Formats (one JSON object a line, TRL's field names):
+    SFT          {"prompt": str, "completion": str}
+             or  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    preferences  {"prompt": str, "chosen": str, "rejected": str}
+    prompts      {"prompt": str}
+A `messages` line is turned into prompt/completion because the model's chat format is single-turn:
+the last message must be the assistant's and is the completion; the contents of all earlier turns
+(at least one of them from the user), in order and joined by a newline, are the prompt; roles are
+dropped. Extra fields (an id, a source) are ignored, so TRL-style files load unchanged.
+
+Validation: every line is checked before anything is returned, and the first bad line raises
+`DataError` with a one-line message "path:line: what is wrong" (file-level problems: "path: ...").
+Checked: UTF-8, JSON syntax, an object, each field present, a string, not empty or whitespace
+only; for preferences chosen != rejected; for messages the roles and the last turn. Blank lines
+are skipped (editors and `cat a b > c` leave them; they carry no record), but line numbers still
+count them, so a message points at the line an editor shows. A UTF-8 byte-order mark is accepted.
+
+Lengths: given `tokenizer` and `max_len`, each record is measured as the model will see it,
+`len(tokenizer.render(prompt, response)[0])` (preferences: the longer of chosen and rejected;
+prompt files: `len(tokenizer.render_prompt(prompt))`). A record over `max_len` is an error naming
+the line and both lengths, or, with `truncate=True`, is *skipped*, and one line on stderr says how
+many were. Skipping, not cutting: a cut response teaches the model to stop mid-sentence, and a
+left-cut prompt asks a different question. (The argument keeps the common name `truncate`.)
+
+Left out: streaming huge files (a file is validated whole before use), gzip, parquet, multi-turn
+training targets.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+from typing import Any, Callable, Iterable, Iterator
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message is one line: "path:line: problem"."""
+
+    def __init__(self, path: str, problem: str, lineno: int | None = None):
+        self.path, self.problem, self.lineno = path, problem, lineno
+        where = f"{path}:{lineno}" if lineno is not None else f"{path}"
+        # One line even if a path or a quoted value carries a newline: logs and CI show one line.
+        super().__init__(f"{where}: {problem}".replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _json_type(v: Any) -> str:
+    """The JSON name of a Python value from json.loads, for error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return "a string"
+
+
+def _short(s: str, n: int = 40) -> str:
+    return repr(s if len(s) <= n else s[:n] + "...")
+
+
+def _lines(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; raises DataError on the first bad one."""
+    try:
+        f = open(path, "rb")  # bytes: a bad byte becomes our error, not a UnicodeDecodeError
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(path, "is a directory, not a JSONL file") from None
+    except OSError as e:
+        raise DataError(path, f"cannot open: {e.strerror}") from None
+    with f:
+        # Iterating a binary file splits on b"\n" only; str.splitlines would also split inside
+        # strings at U+2028 or U+0085, which JSON allows unescaped.
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]                                   # a byte-order mark, not data
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                      f"{e.start + 1})", lineno) from None
+            if not text.strip(" \t\r\n"):                       # JSON's whitespace only
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"bad JSON: {e.msg} (column {e.colno})", lineno) from None
+            except RecursionError:
+                raise DataError(path, "bad JSON: nested too deeply", lineno) from None
+            if not isinstance(obj, dict):
+                raise DataError(path, f"expected a JSON object, got {_json_type(obj)}", lineno)
+            yield lineno, obj
+
+
+def _string(path: str, lineno: int, obj: dict, key: str, where: str = "") -> str:
+    """obj[key] if it is a non-blank string, else a DataError naming the field."""
+    name = f"{where}{key}"
+    if key not in obj:
+        have = ", ".join(_short(k) for k in list(obj)[:6]) or "none"
+        raise DataError(path, f"missing field '{name}' (fields present: {have})", lineno)
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataError(path, f"field '{name}' must be a string, got {_json_type(v)}", lineno)
+    if not v.strip():
+        raise DataError(path, f"field '{name}' is empty" if not v else
+                        f"field '{name}' is only whitespace", lineno)
+    return v
+
+
+def _sft_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
+    if "messages" not in obj:
+        if "prompt" not in obj and "completion" not in obj:
+            raise DataError(path, "missing field 'prompt' (an SFT line has 'prompt' and "
+                                  "'completion', or 'messages')", lineno)
+        return {"prompt": _string(path, lineno, obj, "prompt"),
+                "completion": _string(path, lineno, obj, "completion")}
+    if "prompt" in obj or "completion" in obj:
+        raise DataError(path, "has both 'messages' and 'prompt'/'completion'; use one format",
+                        lineno)
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        got = "an empty list" if isinstance(msgs, list) else _json_type(msgs)
+        raise DataError(path, f"field 'messages' must be a non-empty list of "
+                              f"{{role, content}} objects, got {got}", lineno)
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(path, f"messages[{i}] must be an object, got {_json_type(m)}", lineno)
+        role = _string(path, lineno, m, "role", f"messages[{i}].")
+        if role not in ROLES:
+            raise DataError(path, f"messages[{i}] has role {_short(role)}; the roles are "
+                                  f"{', '.join(ROLES)}", lineno)
+        _string(path, lineno, m, "content", f"messages[{i}].")
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(path, f"the last message must be the assistant's (it is the completion), "
+                              f"not the {msgs[-1]['role']}'s", lineno)
+    if not any(m["role"] == "user" for m in msgs[:-1]):
+        raise DataError(path, "no user message before the assistant's reply", lineno)
+    return {"prompt": "\n".join(m["content"] for m in msgs[:-1]),
+            "completion": msgs[-1]["content"]}
+
+
+def _prefs_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
+    row = {k: _string(path, lineno, obj, k) for k in ("prompt", "chosen", "rejected")}
+    if row["chosen"] == row["rejected"]:
+        raise DataError(path, "'chosen' and 'rejected' are the same text; the pair says nothing",
+                        lineno)
+    return row
+
+
+def _prompt_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
+    return {"prompt": _string(path, lineno, obj, "prompt")}
+
+
+def _read(path, record: Callable[[str, int, dict], dict], measure: Callable[[Any, dict], int],
+          tokenizer, max_len: int | None, truncate: bool) -> list[dict[str, str]]:
+    """The shared reader: validate every line, measure lengths, skip or refuse long ones."""
+    path = os.fspath(path)
+    if max_len is not None and tokenizer is None:
+        raise ValueError("max_len needs a tokenizer to measure lengths with")
+    rows, n_lines, skipped = [], 0, 0
+    for lineno, obj in _lines(path):
+        row = record(path, lineno, obj)
+        n_lines += 1
+        if max_len is not None:
+            try:
+                n = measure(tokenizer, row)
+            except ValueError as e:  # e.g. a tokenizer refusing some text
+                raise DataError(path, f"cannot tokenize: {e}", lineno) from None
+            if n > max_len:
+                if not truncate:
+                    raise DataError(path, f"{n} tokens, longer than max_len={max_len}; shorten "
+                                          f"it or pass truncate=True to skip such lines", lineno)
+                skipped += 1
+                continue
+        rows.append(row)
+    if n_lines == 0:
+        raise DataError(path, "no records (the file is empty or has only blank lines)")
+    if skipped:
+        print(f"{path}: skipped {skipped} of {n_lines} records longer than max_len={max_len} "
+              f"tokens", file=sys.stderr)
+    if not rows:
+        raise DataError(path, f"all {n_lines} records are longer than max_len={max_len} tokens")
+    return rows
+
+
+def read_sft(path, tokenizer=None, max_len: int | None = None,
+             truncate: bool = False) -> list[dict[str, str]]:
+    """[{"prompt", "completion"}] from a prompt/completion or messages JSONL file."""
+    return _read(path, _sft_record,
+                 lambda tok, r: len(tok.render(r["prompt"], r["completion"])[0]),
+                 tokenizer, max_len, truncate)
+
+
+def read_prefs(path, tokenizer=None, max_len: int | None = None,
+               truncate: bool = False) -> list[dict[str, str]]:
+    """[{"prompt", "chosen", "rejected"}]; a pair is as long as its longer response."""
+    return _read(path, _prefs_record,
+                 lambda tok, r: max(len(tok.render(r["prompt"], r[k])[0])
+                                    for k in ("chosen", "rejected")),
+                 tokenizer, max_len, truncate)
+
+
+def read_prompts(path, tokenizer=None, max_len: int | None = None,
+                 truncate: bool = False) -> list[dict[str, str]]:
+    """[{"prompt"}] for RL; the length is the rendered prompt alone (the response comes later)."""
+    return _read(path, _prompt_record, lambda tok, r: len(tok.render_prompt(r["prompt"])),
+                 tokenizer, max_len, truncate)
+
+
+def write_jsonl(path, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL atomically; returns how many. On any failure no file is left behind.
+
+    Temporary file in the same directory (so the rename cannot cross file systems), flush and
+    fsync, then os.replace: a reader sees the old file or the whole new one, never half of one.
+    Strict JSON (no NaN/Infinity), UTF-8 text; parent directories are created.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide permissions, as a plain open() would (mkstemp: 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                if not isinstance(row, dict):
+                    raise TypeError(f"write_jsonl: row {n} is {type(row).__name__}, not a dict")
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not on Windows)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return n

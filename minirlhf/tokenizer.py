@@ -1,0 +1,225 @@
+"""Tokenizers: our own byte-level BPE trainer, wrapped as a `tiktoken.Encoding`, plus GPT-2's.
+
+    tok = Tokenizer.train(text, vocab_size=512)      # built-in world: BPE trained on its text
+    tok.save("out/tokenizer.tiktoken"); tok = Tokenizer.load("out/tokenizer.tiktoken")
+    tok = Tokenizer.gpt2()                            # tiktoken's GPT-2 encoding (by name)
+    tok = Tokenizer.gpt2("path/to/gpt2.tiktoken")     # the same from a local rank file (offline)
+    ids, n_prompt = tok.render("What is 2 plus 3?", "2 plus 3 is 5.")
+
+The trainer is the textbook algorithm (Sennrich et al. 2016, byte-level as in GPT-2): split text
+into pre-tokens with GPT-2's regex, count each *distinct* pre-token once with its frequency, then
+repeatedly merge the most frequent adjacent pair, updating only the words that contain it. Digits
+are never merged, so numbers stay one token per digit (arithmetic is easier to learn that way).
+The result is a table of "mergeable ranks" (bytes -> id) that tiktoken encodes with directly.
+
+The chat template. World tokenizers own five special tokens:
+    <|bos|> <|user|> prompt <|assistant|> response <|end|>      (<|pad|> pads batches)
+GPT-2 has one special token, so its template is text (the Anthropic HH form):
+    "\\n\\nHuman: prompt\\n\\nAssistant:" response <|endoftext|>
+User text that spells a special token ("<|end|>") is always encoded as plain text, never as the
+control token. Left out: normalisation, byte fallback tricks, sentencepiece.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import os
+from collections import Counter, defaultdict
+
+import regex
+import tiktoken
+
+# GPT-2's pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = ["<|bos|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer could not be trained, loaded or found; the message says which and why."""
+
+
+def train_bpe(text: str, vocab_size: int, merge_digits: bool = False) -> dict[bytes, int]:
+    """Train byte-level BPE; returns mergeable ranks {token bytes: id}, ids 0..vocab_size-1.
+
+    The 256 single bytes come first, then one new token per merge, in merge order (tiktoken
+    applies merges by rank, so this order *is* the merge list).
+    """
+    if vocab_size < 256:
+        raise TokenizerError(f"vocab_size {vocab_size} is below the 256 byte tokens")
+    word_freq = Counter(regex.findall(GPT2_PATTERN, text))  # each distinct pre-token once
+    words = [list(w.encode("utf-8")) for w in word_freq]    # token ids per distinct word
+    freqs = list(word_freq.values())
+    vocab = [bytes([b]) for b in range(256)]                # id -> bytes
+    is_digit = [bytes([b]).isdigit() for b in range(256)]  # ASCII 0-9 only: chr(0xB2) is '²'
+
+    pair_count: Counter = Counter()               # (a, b) -> weighted count over all words
+    where: dict = defaultdict(set)                # (a, b) -> indices of words containing it
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += freqs[i]
+            where[pair].add(i)
+
+    def mergeable(pair):
+        return merge_digits or not (is_digit[pair[0]] or is_digit[pair[1]])
+
+    # A max-heap of (-count, pair) with lazy deletion: when a pair's count changes we push the
+    # new count and skip stale entries on the way out. This keeps each merge cheap.
+    heap = [(-c, p) for p, c in pair_count.items() if mergeable(p)]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size:
+        best = None
+        while heap:
+            neg, pair = heapq.heappop(heap)
+            if pair_count.get(pair, 0) == -neg > 0:
+                best = pair  # the most frequent pair; ties go to the smaller ids
+                break
+        if best is None:
+            break  # nothing left to merge: the text is fully compressed
+        new_id = len(vocab)
+        vocab.append(vocab[best[0]] + vocab[best[1]])
+        is_digit.append(is_digit[best[0]] or is_digit[best[1]])
+        changed = set()
+        for i in where.pop(best):
+            w, f = words[i], freqs[i]
+            for pair in zip(w, w[1:]):            # forget this word's old pairs
+                pair_count[pair] -= f
+                changed.add(pair)
+            merged, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(w[j])
+                    j += 1
+            words[i] = merged
+            for pair in zip(merged, merged[1:]):  # count its new ones
+                pair_count[pair] += f
+                where[pair].add(i)
+                changed.add(pair)
+        del pair_count[best]
+        for pair in changed - {best}:
+            if mergeable(pair) and pair_count[pair] > 0:
+                heapq.heappush(heap, (-pair_count[pair], pair))
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+def save_ranks(ranks: dict[bytes, int], path: str) -> None:
+    """tiktoken's rank-file format: one 'base64(token) rank' line per token; atomic write."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_ranks(path: str) -> dict[bytes, int]:
+    """Read a rank file directly (tiktoken's own loader caches by path, which goes stale when a
+    file at the same path is rewritten)."""
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{path}: tokenizer rank file not found")
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except Exception:
+                raise TokenizerError(f"{path}:{n}: not a tiktoken rank line "
+                                     f"(expected 'base64 rank')") from None
+    if not ranks:
+        raise TokenizerError(f"{path}: rank file is empty")
+    return ranks
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the chat template. `kind` is "world" or "gpt2"."""
+
+    def __init__(self, enc: tiktoken.Encoding, kind: str, source: str):
+        self.enc, self.kind, self.source = enc, kind, source
+        if kind == "world":
+            ids = [enc._special_tokens[s] for s in SPECIAL_TOKENS]
+            self.bos_id, self.user_id, self.assistant_id, self.end_id, self.pad_id = ids
+        else:  # GPT-2 has a single special token; it serves as end and padding
+            eot = enc._special_tokens["<|endoftext|>"]
+            self.bos_id = self.end_id = self.pad_id = eot
+            self.user_id = self.assistant_id = None
+        self.vocab_size = enc.n_vocab
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_ranks(cls, ranks: dict[bytes, int], source: str = "memory") -> "Tokenizer":
+        n = max(ranks.values()) + 1
+        specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(name=f"minirlhf-{len(ranks)}", pat_str=GPT2_PATTERN,
+                                mergeable_ranks=ranks, special_tokens=specials)
+        return cls(enc, "world", source)
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 512) -> "Tokenizer":
+        """vocab_size counts the mergeable tokens; the 5 special tokens come on top."""
+        return cls.from_ranks(train_bpe(text, vocab_size))
+
+    @classmethod
+    def load(cls, path: str) -> "Tokenizer":
+        return cls.from_ranks(load_ranks(path), source=os.path.abspath(path))
+
+    @classmethod
+    def gpt2(cls, rank_file: str | None = None) -> "Tokenizer":
+        """GPT-2's encoding: from a local rank file when given, else tiktoken's by name."""
+        if rank_file is not None:
+            ranks = load_ranks(rank_file)
+            enc = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN,
+                                    mergeable_ranks=ranks,
+                                    special_tokens={"<|endoftext|>": 50256})
+            return cls(enc, "gpt2", os.path.abspath(rank_file))
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network and no cached copy
+            raise TokenizerError(
+                "the GPT-2 encoding is not available offline: pass --tokenizer "
+                f"path/to/gpt2.tiktoken (a tiktoken rank file) [{type(e).__name__}]") from None
+        return cls(enc, "gpt2", "gpt2")
+
+    def save(self, path: str) -> None:
+        if self.kind != "world":
+            raise TokenizerError("only trained world tokenizers are saved; GPT-2 is referenced")
+        save_ranks(self.enc._mergeable_ranks, path)
+
+    def fingerprint(self) -> str:
+        """A short hash of the token table: a checkpoint remembers which tokenizer it used."""
+        h = hashlib.sha1()
+        for tok, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(tok + rank.to_bytes(4, "little"))
+        return h.hexdigest()[:16]
+
+    def reference(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size,
+                "fingerprint": self.fingerprint()}
+
+    # --- text <-> ids -------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; special-token spellings inside the text stay text."""
+        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    # --- chat template ------------------------------------------------------------------
+    def render_prompt(self, prompt: str) -> list[int]:
+        """The tokens a policy sees before it answers (ends where the response begins)."""
+        if self.kind == "world":
+            return [self.bos_id, self.user_id] + self.encode(prompt) + [self.assistant_id]
+        return self.encode(f"\n\nHuman: {prompt}\n\nAssistant:")
+
+    def render(self, prompt: str, response: str, end: bool = True) -> tuple[list[int], int]:
+        """prompt + response (+ end token) -> (ids, n_prompt); ids[n_prompt:] is the response."""
+        p = self.render_prompt(prompt)
+        text = response if self.kind == "world" else " " + response.lstrip(" ")
+        return p + self.encode(text) + ([self.end_id] if end else []), len(p)

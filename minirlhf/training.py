@@ -1,0 +1,145 @@
+"""What every training script does around its loop — and nothing of the algorithms themselves.
+
+- `lr_at(step, ...)`: linear warmup then cosine decay, the schedule every stage uses.
+- `make_optimizer(model, ...)`: AdamW, weight decay on matrices only (fused on CUDA).
+- `pad_batch(seqs, ...)`: right-padded (tokens, attn_mask, loss_mask) from token lists.
+- `MetricsLog`: appends one JSON line per logged step to OUT/metrics.jsonl; on resume it first cuts
+  the file back to the checkpoint's step, so a killed run never leaves duplicated steps.
+- `check_finite`: a NaN or inf in a loss, reward or gradient norm stops the run with a message that
+  names the quantity and the step (the last good checkpoint on disk is left as it is).
+- `start_run`: prints the config, writes OUT/config.json, resolves the device and the seeds.
+
+The loops themselves stay in the train_*.py scripts, flat and in the open (STYLE.md rule 7).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from .config import config_to_dict, format_config
+from .device import resolve_device
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, reward or gradient became NaN or inf; the run stops, the last checkpoint stays."""
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to lr·min_lr_ratio at max_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases / LayerNorm / scalars do not (as in GPT-2 training)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=betas, fused=fused)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def pad_batch(seqs: list[list[int]], n_prompt: list[int], pad_id: int, device=None):
+    """Right-pad token lists. Returns tokens (B, T), attn_mask (B, T) and loss_mask (B, T), the
+    last being 1 on response tokens (those at index >= n_prompt) — the targets SFT learns."""
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, n_prompt)):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn_mask[i, :len(s)] = True
+        loss_mask[i, p:len(s)] = True
+    return tokens.to(device), attn_mask.to(device), loss_mask.to(device)
+
+
+def check_finite(step: int, **values) -> None:
+    """Raise NonFiniteError naming the first quantity that is NaN or inf."""
+    for name, v in values.items():
+        v = float(v)
+        if not math.isfinite(v):
+            raise NonFiniteError(f"step {step}: {name} is {v}; stopping (the last good "
+                                 f"checkpoint is kept)")
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one object per logged step: {"step": ..., "split": ..., ...}."""
+
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path = path
+        if resume_step is None:
+            if os.path.exists(path):
+                os.remove(path)  # a fresh run starts a fresh log
+        elif os.path.exists(path):
+            kept = [line for line in open(path) if line.strip()
+                    and json.loads(line).get("step", 0) <= resume_step]
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+    def write(self, step: int, **metrics) -> None:
+        row = {"step": step}
+        for k, v in metrics.items():
+            row[k] = float(v) if isinstance(v, (torch.Tensor, np.floating)) else v
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_run(cfg, prog: str):
+    """Print and save the config, resolve the device, seed every RNG. Returns the device."""
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        raise SystemExit(2)
+    os.makedirs(cfg.out, exist_ok=True)
+    print(f"{prog} config:\n{format_config(cfg)}\n  (device: {device})", flush=True)
+    tmp = os.path.join(cfg.out, f"config.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+    os.replace(tmp, os.path.join(cfg.out, "config.json"))
+    seed_everything(cfg.seed)
+    return device
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def fail(prog: str, message: str) -> None:
+    """One-line error and exit code 1 for problems found while running (bad data, NaN, ...)."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    raise SystemExit(1)
