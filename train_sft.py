@@ -1,0 +1,353 @@
+"""Supervised finetuning (SFT): teach the model to imitate demonstrations (lecture ch. 1).
+
+    python train_sft.py                                   # built-in world, ~2.5 min on 2 CPU cores
+    python train_sft.py --data my_sft.jsonl --init out/sft --out out/sft2
+    python train_sft.py --explain out/sft "What is 3 plus 4?" "3 plus 4 is 7."
+    python train_sft.py --resume                          # continue a stopped run
+
+The loss is masked next-token cross-entropy: the model reads prompt and response but is trained
+to predict the response tokens only; prompt and padding positions are ignored. From scratch on the
+built-in world it learns the chat format, the five task tables and the demonstrators' styles —
+and their mistakes, which is what the later stages fix.
+
+Writes OUT/checkpoint.pt (+ tokenizer.tiktoken, config.json), OUT/metrics.jsonl and, at the end,
+OUT/eval.json: gold score and accuracy on the held-out test prompts, sampled at temperature 1 and
+greedily. `--explain` prints the lecture's token-by-token view of the loss for one example.
+
+Left out on purpose: packing several examples into one sequence, LoRA, multi-turn loss masks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
+                                 load_stage, load_tokenizer_for, model_from_checkpoint, rng_state,
+                                 save_stage, set_rng_state)
+from minirlhf.config import parse_config
+from minirlhf.data import DataError, read_sft
+from minirlhf.device import autocast, maybe_compile
+from minirlhf.masking import masked_mean, token_logprobs
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.tokenizer import TokenizerError
+from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, lr_at,
+                               make_optimizer, pad_batch, set_lr, start_run, write_json)
+from minirlhf.world import World, evaluate, world_tokenizer
+
+
+def sft_loss(logits: torch.Tensor, tokens: torch.Tensor,
+             loss_mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Masked next-token cross-entropy, L_SFT = −(1/N) Σ_t log p(x_{t+1} | x_{1:t}) (lecture ch. 1).
+
+    logits:    (B, T, V) model output; logits[:, t] predicts tokens[:, t + 1]
+    tokens:    (B, T)    prompt + response + padding
+    loss_mask: (B, T)    1 on target tokens (response, end token included), 0 elsewhere
+    returns    loss (scalar), stats {"loss", "n_tokens", "accuracy", "per_token_loss" (B, T−1)}
+
+    The average is over all N response tokens of the batch (a token mean), not a mean of
+    per-sequence means: a 40-token response weighs 40 times as much as a 1-token one. This is the
+    lecture's L_SFT summed over tokens, the maximum-likelihood objective of the whole dataset
+    (Σ_i log p(y_i|x_i) = Σ_i Σ_t log p(y_i,t | ...)), and exactly the pretraining loss with the
+    prompt tokens taken out. A per-sequence mean would make each token of a short answer count
+    more, an extra weighting of its own.
+    """
+    logits = logits[:, :-1]  # (B, T-1, V) predictions for positions 1..T-1
+    targets = tokens[:, 1:]  # (B, T-1)    tokens shifted left by one
+    mask = loss_mask[:, 1:].bool()  # (B, T-1) which targets count
+    # ignored targets may hold anything (pad ids, -100): point them at token 0 so gather works
+    targets = torch.where(mask, targets, torch.zeros_like(targets))  # (B, T-1)
+    logp = token_logprobs(logits, targets)  # (B, T-1) log p(x_{t+1} | x_{1:t})
+    per_token_loss = -logp  # (B, T-1) ℓ_t = −log p(x_{t+1} | x_{1:t}), lecture ch. 1 step 1
+    loss = masked_mean(per_token_loss, mask)  # scalar L_SFT, lecture ch. 1 step 2
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == targets).float()  # (B, T-1)
+        stats = {
+            "loss": loss.detach(),
+            "n_tokens": mask.sum(),
+            "accuracy": masked_mean(correct, mask),
+            "per_token_loss": torch.where(mask, per_token_loss, 0.0).detach(),
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SFTConfig:
+    out: str = "out/sft"              # folder for checkpoint.pt, metrics.jsonl, eval.json
+    data: str | None = None           # SFT JSONL (prompt/completion or messages); none = built-in world
+    val_data: str | None = None       # validation JSONL; none = world val prompts, or 5% of --data
+    init: str | None = None           # start from this stage folder's weights (e.g. an earlier SFT)
+    resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    seed: int = 0                     # seeds data order, initialisation and sampling
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
+    compile: bool = False             # torch.compile the model (CUDA only)
+    # model, when training from scratch (ignored with --init)
+    n_layer: int = 4                  # transformer blocks
+    n_head: int = 4                   # attention heads
+    n_embd: int = 128                 # channels of the residual stream
+    block_size: int = 96              # longest prompt + response, in tokens
+    vocab_size: int = 512             # BPE tokens of the world tokenizer (specials on top)
+    # data
+    n_examples: int = 20000           # demonstrations drawn from the world's writers
+    truncate: bool = False            # skip over-long examples instead of stopping with an error
+    # optimisation
+    max_steps: int = 1000             # optimizer steps
+    batch_size: int = 64              # sequences per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step
+    lr: float = 3e-3                  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1         # cosine decays to lr * this
+    warmup: int = 50                  # linear warmup steps
+    weight_decay: float = 0.1         # AdamW decoupled weight decay on matrices
+    grad_clip: float = 1.0            # max global gradient norm
+    # logging and evaluation
+    log_every: int = 50               # steps between log lines / metrics rows
+    eval_every: int = 250             # steps between validation loss + printed samples
+    ckpt_every: int = 250             # steps between checkpoints (also written at the end)
+    n_show: int = 3                   # samples printed at each evaluation
+    max_new_tokens: int = 64          # response budget when sampling
+    eval_temperature: float = 1.0     # final evaluation samples at this temperature (and greedy)
+
+    def check(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                     "ckpt_every", "n_examples", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and --grad-clip must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError("--n-embd must be divisible by --n-head")
+
+
+def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
+    """(train, val) lists of (ids, n_prompt). The world's demonstrations, or --data JSONL."""
+    if cfg.data is None:
+        train = world.sft_examples(cfg.n_examples, cfg.seed)
+        val = world.sft_examples(1000, cfg.seed + 1, split="val")
+    else:
+        train = read_sft(cfg.data, tok, cfg.block_size, cfg.truncate)
+        if cfg.val_data:
+            val = read_sft(cfg.val_data, tok, cfg.block_size, cfg.truncate)
+        else:  # hold out 5% (at least one example) by seed
+            order = np.random.default_rng(cfg.seed).permutation(len(train))
+            n_val = max(1, len(train) // 20)
+            val = [train[i] for i in order[:n_val]]
+            train = [train[i] for i in order[n_val:]] or val
+    encode = lambda rows: [tok.render(r["prompt"], r["completion"]) for r in rows]
+    train, val = encode(train), encode(val)
+    too_long = max(len(ids) for ids, _ in train + val)
+    if too_long > cfg.block_size:
+        raise DataError(f"a world example has {too_long} tokens, over --block-size "
+                        f"{cfg.block_size}")
+    return train, val
+
+
+def batch_indices(step: int, micro: int, cfg: SFTConfig, n: int) -> np.ndarray:
+    """Which examples micro-batch `micro` of `step` reads: a fresh permutation per epoch, drawn
+    from (seed, epoch). A function of the step alone, so a resumed run reads the same data."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    idx = []
+    while len(idx) < cfg.batch_size:
+        epoch, offset = divmod(start + len(idx), n)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        idx.extend(perm[offset:offset + cfg.batch_size - len(idx)].tolist())
+    return np.array(idx)
+
+
+@torch.no_grad()
+def validation_loss(model, val, tok, device, batch_size=256) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(val), batch_size):
+        seqs, n_prompt = zip(*val[i:i + batch_size])
+        tokens, attn_mask, loss_mask = pad_batch(list(seqs), list(n_prompt), tok.pad_id, device)
+        with autocast(device):
+            logits = model(tokens, attn_mask)
+        loss, stats = sft_loss(logits.float(), tokens, loss_mask)
+        total += loss.item() * stats["n_tokens"].item()
+        count += stats["n_tokens"].item()
+    model.train()
+    return total / max(count, 1)
+
+
+def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
+    device = start_run(cfg, prog)
+    world = World(cfg.seed)
+    ck_path = os.path.join(cfg.out, CHECKPOINT)
+
+    # --- model and tokenizer: fresh, from --init, or from our own checkpoint (--resume) ---
+    resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
+    if cfg.resume and resume_ck is None:
+        print(f"no checkpoint at {ck_path}: starting from scratch")
+    if resume_ck is not None:
+        if not cfg.init:  # the run's own model flags must describe the saved model
+            check_compatible(resume_ck, ck_path, model_config=GPTConfig(
+                vocab_size=resume_ck["model_config"]["vocab_size"], block_size=cfg.block_size,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+        model = model_from_checkpoint(resume_ck, ck_path, "gpt").to(device)
+        tok = load_tokenizer_for(resume_ck, cfg.out)
+    elif cfg.init:
+        model, tok, _ = load_stage(cfg.init, "gpt", device)
+    else:
+        tok = world_tokenizer(cfg.vocab_size)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+    cfg.block_size = model.config.block_size
+    train_set, val_set = load_examples(cfg, tok, world)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {tok.vocab_size}; "
+          f"{len(train_set)} training and {len(val_set)} validation examples", flush=True)
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    step = 0
+    if resume_ck is not None:
+        optimizer.load_state_dict(resume_ck["optimizer"])
+        set_rng_state(resume_ck["rng"])
+        step = resume_ck["step"]
+        print(f"resumed from {ck_path} at step {step}")
+    fwd = maybe_compile(model, device, cfg.compile)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None)
+
+    def save(step):
+        save_stage(cfg.out, model=model, model_kind="gpt", config=cfg, tokenizer=tok, step=step,
+                   optimizer=optimizer, rng=rng_state())
+
+    # --- the loop: forward, masked cross-entropy, backward, clip, step ---
+    model.train()
+    t0, tokens_seen, step_seconds = time.time(), 0, 0.0
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=None, leave=False)
+    while step < cfg.max_steps:
+        t_step = time.time()
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        micro_batches = []
+        for micro in range(cfg.grad_accum):
+            seqs, n_prompt = zip(*(train_set[i] for i in batch_indices(step, micro, cfg,
+                                                                        len(train_set))))
+            micro_batches.append(pad_batch(list(seqs), list(n_prompt), tok.pad_id, device))
+        # token mean over the whole accumulated batch: weigh each micro-batch by its tokens
+        n_total = sum(int(m[2][:, 1:].sum()) for m in micro_batches)
+        loss_sum, acc_sum = 0.0, 0.0
+        for tokens, attn_mask, loss_mask in micro_batches:
+            with autocast(device):
+                logits = fwd(tokens, attn_mask)                                     # (B, T, V)
+            loss, stats = sft_loss(logits.float(), tokens, loss_mask)
+            share = stats["n_tokens"].item() / n_total
+            (loss * share).backward()
+            loss_sum += loss.item() * share
+            acc_sum += stats["accuracy"].item() * share
+            tokens_seen += int(attn_mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite(step, loss=loss_sum, grad_norm=grad_norm)  # before the step: no bad update
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_seconds += time.time() - t_step
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            print(f"step {step:5d} | loss {loss_sum:.4f} | token acc {acc_sum:.3f} | lr {lr:.2e} | "
+                  f"grad norm {float(grad_norm):.2f} | {tokens_seen / step_seconds:,.0f} tok/s",
+                  flush=True)
+            log.write(step, split="train", loss=loss_sum, token_accuracy=acc_sum, lr=lr,
+                      grad_norm=float(grad_norm))
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val = validation_loss(fwd, val_set, tok, device)
+            print(f"step {step:5d} | val loss {val:.4f}", flush=True)
+            log.write(step, split="val", loss=val)
+            show_samples(model, tok, world, cfg, step)
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save(step)
+    bar.close()
+    train_seconds = time.time() - t0
+
+    # --- evaluation on held-out test prompts: sampled (temperature 1) and greedy ---
+    result = {"train_seconds": train_seconds}
+    if cfg.data is None:
+        model.eval()
+        for name, temp in (("sampled", cfg.eval_temperature), ("greedy", 0.0)):
+            result[name] = evaluate(model, tok, world.test_prompts, temperature=temp,
+                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            r = result[name]
+            print(f"test ({name}, T={temp}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | "
+                  f"length {r['length']:.1f} | ended {r['ended']:.3f} | optimum {r['optimum']:.2f}")
+        write_json(os.path.join(cfg.out, "eval.json"), result)
+    return result
+
+
+def show_samples(model, tok, world, cfg, step):
+    """Print a few sampled answers to validation prompts beside the gold judge's score."""
+    if cfg.n_show <= 0 or cfg.data is not None:
+        return
+    prompts = world.val_prompts[:: max(1, len(world.val_prompts) // cfg.n_show)][:cfg.n_show]
+    r = evaluate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + step,
+                 n_samples=cfg.n_show)
+    for s in r["samples"]:
+        print(f"    [{s['gold']:+.2f}] {s['prompt']!r} -> {s['response']!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The token-by-token view (the lecture's "SFT loss: token-by-token" simulation)
+# ----------------------------------------------------------------------------------------------
+
+def explain(folder: str, prompt: str, response: str, color: bool | None = None) -> list[dict]:
+    """Print each response token with p(token) and its loss −log p, green (sure) → red
+    (surprised), then the mean: exactly what L_SFT averages."""
+    model, tok, _ = load_stage(folder, "gpt")
+    model.eval()
+    ids, n_prompt = tok.render(prompt, response)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(tokens)                                                      # (1, T, V)
+    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    loss_mask[0, n_prompt:] = True
+    _, stats = sft_loss(logits, tokens, loss_mask)
+    per_token = stats["per_token_loss"][0, n_prompt - 1:]                           # (n_resp,)
+    color = sys.stdout.isatty() if color is None else color
+    rows = []
+    print(f"prompt: {prompt!r}")
+    for tid, loss in zip(ids[n_prompt:], per_token.tolist()):
+        p = math.exp(-loss)
+        piece = tok.decode([tid]) if tid != tok.end_id else "<|end|>"
+        bar = "#" * round(p * 20)
+        line = f"  {piece!r:>16}  p={p:6.3f}  loss={loss:6.3f}  {bar}"
+        if color:  # 256-colour ramp from red (p=0) to green (p=1)
+            r, g = round(5 * (1 - p)), round(5 * p)
+            line = f"\033[38;5;{16 + 36 * r + 6 * g}m{line}\033[0m"
+        print(line)
+        rows.append({"token": piece, "p": p, "loss": loss})
+    print(f"mean loss over {len(rows)} response tokens: {stats['loss'].item():.4f} "
+          f"(this is L_SFT for this example)")
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    prog = "train_sft.py"
+    if argv[:1] == ["--explain"]:
+        if len(argv) != 4:
+            fail(prog, 'usage: train_sft.py --explain OUT "prompt" "response"')
+        try:
+            explain(*argv[1:])
+        except (CheckpointError, TokenizerError) as e:
+            fail(prog, str(e))
+        return
+    cfg = parse_config(SFTConfig, argv, prog, description=__doc__.split("\n\n")[0] +
+                       '  Also: train_sft.py --explain OUT "prompt" "response".')
+    try:
+        train(cfg, prog)
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+        fail(prog, str(e))
+
+
+if __name__ == "__main__":
+    main()
