@@ -1,10 +1,49 @@
 """Reward modelling: learn a scalar reward r_φ(x, y) from pairwise preferences (lecture ch. 6).
 
-The reward model is trained with the Bradley–Terry loss −log σ(r_w − r_l) on (prompt, chosen,
-rejected) triples; it is the judge PPO later optimises against.
+    python train_rm.py --make-pairs                 # sample pairs from out/sft, label, train
+    python train_rm.py --make-pairs --pairs-only    # only write OUT/prefs*.jsonl
+    python train_rm.py --data my_prefs.jsonl        # train on your own preference JSONL
+    python train_rm.py --resume                     # continue a stopped run
+
+Stage two of the pipeline (lecture ch. 7). Preference data is made the lecture's way: for each
+training prompt the SFT policy writes two responses and a labeller picks one — here the world's
+Bradley–Terry labeller on the gold score, noisy the way people are. The reward model is the SFT
+model with its language-model head swapped for a scalar head, read at the last real token, and
+trained with the Bradley–Terry loss −log σ(r_w − r_l) on (prompt, chosen, rejected) triples.
+
+Writes OUT/prefs.jsonl, prefs_val.jsonl, prefs_test.jsonl (with --make-pairs), OUT/checkpoint.pt
+(the best model by validation loss, rewards centred on the SFT policy), OUT/metrics.jsonl and
+OUT/eval.json: test accuracy beside the Bayes limit of the labels, and a calibration table
+(also drawn as OUT/calibration.png).
+
+Left out on purpose: ensembles, margin losses, more than two responses per comparison.
 """
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
+                                 load_stage, model_from_checkpoint, rng_state, save_checkpoint,
+                                 save_stage, set_rng_state)
+from minirlhf.config import parse_config
+from minirlhf.data import DataError, read_prefs, write_jsonl
+from minirlhf.device import autocast
+from minirlhf.model import ScalarHeadModel
+from minirlhf.report import plot_calibration
+from minirlhf.sampler import generate
+from minirlhf.tokenizer import TokenizerError
+from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, lr_at,
+                               make_optimizer, pad_batch, set_lr, start_run, write_json)
+from minirlhf.world import World, bayes_accuracy, label_pair
 
 
 def preference_probability(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
@@ -37,3 +76,315 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch
             "rejected_reward": r_rejected.mean(),
         }
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs, the lecture's way (ch. 6 and 7, stage 2): sample two responses per prompt from
+# the SFT policy and let the world's noisy Bradley–Terry labeller pick one.
+# ----------------------------------------------------------------------------------------------
+
+def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float = 1.0,
+               max_new_tokens: int = 32, batch_size: int = 512) -> list[dict]:
+    """`n_pairs` {"prompt", "chosen", "rejected"} rows, cycling through `prompts`.
+
+    Pairs where either response lacks the end token or is empty, or both are the same text, are
+    skipped: the JSONL format cannot mark a cut-off response or hold an empty one, and an
+    identical pair carries no preference.
+    """
+    rng = np.random.default_rng(seed)  # the labeller's coin flips
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    rows, tries = [], 0
+    order = [prompts[i] for i in rng.permutation(len(prompts))]
+    while len(rows) < n_pairs:
+        tries += 1
+        if tries > 50:
+            raise RuntimeError(f"could not make {n_pairs} distinct ended pairs "
+                               f"(made {len(rows)}): is the policy ending its responses?")
+        chunk = [order[(len(rows) + i) % len(order)] for i in range(batch_size // 2)]
+        both = [p for p in chunk for _ in range(2)]  # two samples per prompt, side by side
+        g = generate(policy, [tok.render_prompt(p.text) for p in both], max_new_tokens,
+                     eos_id=tok.end_id, pad_id=tok.pad_id, temperature=temperature, generator=gen)
+        texts = [tok.decode(ids) for ids in g.responses()]
+        ended = g.ended.tolist()
+        for i, p in enumerate(chunk):
+            a, b = texts[2 * i], texts[2 * i + 1]
+            if a == b or not (a.strip() and b.strip() and ended[2 * i] and ended[2 * i + 1]):
+                continue
+            chosen, rejected = label_pair(p, a, b, rng)
+            rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
+            if len(rows) == n_pairs:
+                break
+    return rows
+
+
+def make_pairs_main(cfg, device) -> dict:
+    """--make-pairs: write OUT/prefs.jsonl, prefs_val.jsonl, prefs_test.jsonl from --policy."""
+    t0 = time.time()
+    policy, tok, _ = load_stage(cfg.policy, "gpt", device)
+    policy.eval()
+    world = World(cfg.seed)
+    splits = {"prefs.jsonl": (world.train_prompts, cfg.n_pairs, cfg.seed),
+              "prefs_val.jsonl": (world.val_prompts, cfg.n_val_pairs, cfg.seed + 1),
+              "prefs_test.jsonl": (world.test_prompts, cfg.n_test_pairs, cfg.seed + 2)}
+    counts = {}
+    for name, (prompts, n, seed) in splits.items():
+        rows = make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature, cfg.max_new_tokens)
+        write_jsonl(os.path.join(cfg.out, name), rows)
+        counts[name] = len(rows)
+    seconds = time.time() - t0
+    print(f"wrote {counts} to {cfg.out} in {seconds:.1f}s", flush=True)
+    return {"pairs": counts, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RMConfig:
+    out: str = "out/rm"               # folder for checkpoint.pt, prefs*.jsonl, metrics, eval.json
+    sft: str = "out/sft"              # SFT stage folder: the reward model's trunk starts there
+    make_pairs: bool = False          # sample preference pairs from --policy first (then train)
+    pairs_only: bool = False          # with --make-pairs: write the pairs and stop
+    policy: str | None = None         # policy that writes the pairs (default: --sft)
+    data: str | None = None           # preference JSONL to train on (default: OUT/prefs.jsonl)
+    val_data: str | None = None       # validation pairs (default: OUT/prefs_val.jsonl if present)
+    test_data: str | None = None      # test pairs (default: OUT/prefs_test.jsonl if present)
+    resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    seed: int = 0                     # seeds pair sampling, labels, data order
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
+    # pairs
+    n_pairs: int = 4000               # training pairs to sample
+    n_val_pairs: int = 400            # validation pairs (from validation prompts)
+    n_test_pairs: int = 800           # test pairs (from test prompts)
+    pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
+    max_new_tokens: int = 64          # response budget when sampling pairs
+    # optimisation
+    max_steps: int = 400              # optimizer steps (early stopping may end sooner)
+    batch_size: int = 64              # pairs per step
+    lr: float = 1e-3                  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1         # cosine decays to lr * this
+    warmup: int = 20                  # linear warmup steps
+    weight_decay: float = 0.1         # AdamW decoupled weight decay on matrices
+    grad_clip: float = 1.0            # max global gradient norm
+    eval_every: int = 50              # steps between validation loss/accuracy (and checkpoints)
+    patience: int = 3                 # stop after this many evaluations without a better val loss
+    normalize: bool = True            # shift rewards so the SFT policy's responses average 0
+
+    def check(self):
+        for name in ("n_pairs", "max_steps", "batch_size", "eval_every", "patience",
+                     "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError("--lr and --grad-clip must be positive")
+        if self.pairs_only and not self.make_pairs:
+            raise ValueError("--pairs-only needs --make-pairs")
+
+
+def encode_pairs(rows, tok) -> list[tuple[list[int], list[int]]]:
+    return [(tok.render(r["prompt"], r["chosen"])[0], tok.render(r["prompt"], r["rejected"])[0])
+            for r in rows]
+
+
+def pair_batch(pairs, tok, device):
+    """B pairs -> one right-padded batch of 2B sequences: chosen rows first, then rejected."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    tokens, attn_mask, _ = pad_batch(seqs, [0] * len(seqs), tok.pad_id, device)
+    return tokens, attn_mask
+
+
+def score_pairs(rm, pairs, tok, device):
+    """(r_chosen (B,), r_rejected (B,)): each reward read at the last real token (ch. 6)."""
+    tokens, attn_mask = pair_batch(pairs, tok, device)
+    with autocast(device):
+        r = rm.score(tokens, attn_mask).float()                                    # (2B,)
+    return r[:len(pairs)], r[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate_pairs(rm, pairs, tok, device, batch_size=256) -> dict:
+    rm.eval()
+    rc, rr = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, r = score_pairs(rm, pairs[i:i + batch_size], tok, device)
+        rc.append(c)
+        rr.append(r)
+    rm.train()
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    loss, stats = reward_loss(rc, rr)
+    return {"loss": loss.item(), "accuracy": stats["accuracy"].item(),
+            "margin": stats["margin"].item(), "r_chosen": rc, "r_rejected": rr}
+
+
+def calibration_table(r_chosen, r_rejected, n_bins: int = 10) -> list[dict]:
+    """Reliability of the reward model as a preference predictor: each pair is seen in both
+    orders (a, b) with predicted P(a ≻ b) = σ(r_a − r_b) and outcome 1 if a was chosen, so the
+    table is symmetric and every bin compares a mean prediction with an observed rate."""
+    p = torch.sigmoid(r_chosen - r_rejected)
+    pred = torch.cat([p, 1 - p])
+    outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
+    rows = []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        sel = (pred >= lo) & ((pred < hi) if b < n_bins - 1 else (pred <= hi))
+        if sel.any():
+            rows.append({"bin": f"{lo:.1f}-{hi:.1f}", "n": int(sel.sum()),
+                         "predicted": pred[sel].mean().item(), "observed": outcome[sel].mean().item()})
+    return rows
+
+
+def read_pairs(path, tok, block_size):
+    return read_prefs(path, tok, block_size) if path and os.path.exists(path) else None
+
+
+def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
+    device = start_run(cfg, prog)
+    result = {}
+    if cfg.make_pairs:
+        policy_cfg = copy.copy(cfg)
+        policy_cfg.policy = cfg.policy or cfg.sft
+        result["make_pairs"] = make_pairs_main(policy_cfg, device)
+        if cfg.pairs_only:
+            return result
+    t0 = time.time()
+    ck_path = os.path.join(cfg.out, CHECKPOINT)
+    resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
+
+    # --- the reward model: the SFT trunk + a fresh scalar head (lecture ch. 6) ---
+    sft_model, tok, _ = load_stage(cfg.sft, "gpt", device)
+    if resume_ck is not None:
+        check_compatible(resume_ck, ck_path, model_config=sft_model.config, tokenizer=tok)
+        rm = model_from_checkpoint(resume_ck, ck_path, "scalar").to(device)
+    else:
+        rm = ScalarHeadModel.from_gpt(sft_model)
+    del sft_model
+    block = rm.config.block_size
+    train_path = cfg.data or os.path.join(cfg.out, "prefs.jsonl")
+    if not os.path.exists(train_path):
+        raise DataError(train_path, "no preference data: run with --make-pairs or pass --data")
+    train_pairs = encode_pairs(read_prefs(train_path, tok, block), tok)
+    val_rows = read_pairs(cfg.val_data or os.path.join(cfg.out, "prefs_val.jsonl"), tok, block)
+    test_path = cfg.test_data or os.path.join(cfg.out, "prefs_test.jsonl")
+    test_rows = read_pairs(test_path, tok, block)
+    val_pairs = encode_pairs(val_rows, tok) if val_rows else train_pairs[:256]
+    print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters; {len(train_pairs)} training "
+          f"pairs, {len(val_pairs)} validation pairs", flush=True)
+
+    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+    step, best, bad_evals = 0, float("inf"), 0
+    if resume_ck is not None:
+        optimizer.load_state_dict(resume_ck["optimizer"])
+        set_rng_state(resume_ck["rng"])
+        step = resume_ck["step"]
+        best, bad_evals = resume_ck["extra"]["best_val_loss"], resume_ck["extra"]["bad_evals"]
+        print(f"resumed from {ck_path} at step {step}")
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None)
+    best_path = os.path.join(cfg.out, "best.pt")
+
+    def save(step, path=ck_path, **extra):
+        kwargs = dict(model=rm, model_kind="scalar", config=cfg, tokenizer=tok, step=step,
+                      optimizer=optimizer, rng=rng_state(),
+                      extra={"best_val_loss": best, "bad_evals": bad_evals, **extra})
+        if path == ck_path:
+            save_stage(cfg.out, **kwargs)  # the stage's checkpoint, with its tokenizer beside it
+        else:
+            save_checkpoint(path, **kwargs)
+
+    # --- the loop: score chosen and rejected, Bradley–Terry loss, step ---
+    rm.train()
+    n = len(train_pairs)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None, leave=False)
+    stopped_early = False
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        epoch, offset = divmod(step * cfg.batch_size, n)
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        idx = [perm[(offset + i) % n] for i in range(cfg.batch_size)]
+        r_chosen, r_rejected = score_pairs(rm, [train_pairs[i] for i in idx], tok, device)
+        loss, stats = reward_loss(r_chosen, r_rejected)  # −log σ(r_w − r_l), lecture ch. 6
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        check_finite(step, loss=loss, grad_norm=grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val = evaluate_pairs(rm, val_pairs, tok, device)
+            print(f"step {step:5d} | loss {loss.item():.4f} | acc {stats['accuracy'].item():.3f} | "
+                  f"val loss {val['loss']:.4f} | val acc {val['accuracy']:.3f} | lr {lr:.2e}",
+                  flush=True)
+            log.write(step, split="train", loss=loss.item(), accuracy=stats["accuracy"].item(),
+                      margin=stats["margin"].item(), lr=lr)
+            log.write(step, split="val", loss=val["loss"], accuracy=val["accuracy"])
+            if val["loss"] < best:
+                best, bad_evals = val["loss"], 0
+                save(step, best_path)  # early stopping keeps the best model seen
+            else:
+                bad_evals += 1
+            save(step)
+            if bad_evals >= cfg.patience:
+                print(f"early stop: no better validation loss in {cfg.patience} evaluations")
+                stopped_early = True
+                break
+    bar.close()
+
+    # --- the final model: the best checkpoint, rewards centred on the SFT policy ---
+    best_ck = load_checkpoint(best_path)
+    rm.load_state_dict(best_ck["model"])
+    rm.eval()
+    shift = 0.0
+    if cfg.normalize:
+        # Pairs were sampled from the SFT policy, so their mean reward is the SFT policy's mean.
+        # PPO then sees rewards around 0 at the start: the value model's targets start centred
+        # and the KL penalty, not an arbitrary offset, sets the scale of the per-token rewards.
+        ev = evaluate_pairs(rm, train_pairs[:2000], tok, device)
+        shift = torch.cat([ev["r_chosen"], ev["r_rejected"]]).mean().item()
+        with torch.no_grad():
+            rm.head.bias -= shift
+    save(step, reward_shift=shift, finished=True)
+    seconds = time.time() - t0
+    result.update({"train_seconds": seconds, "steps": step, "stopped_early": stopped_early,
+                   "reward_shift": shift, "n_train_pairs": n})
+
+    # --- test accuracy next to the Bayes limit, and calibration ---
+    if test_rows:
+        ev = evaluate_pairs(rm, encode_pairs(test_rows, tok), tok, device)
+        rows = calibration_table(ev["r_chosen"], ev["r_rejected"])
+        result.update({"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+                       "n_test_pairs": len(test_rows), "calibration": rows})
+        try:
+            result["bayes_accuracy"] = bayes_accuracy(
+                [(r["prompt"], r["chosen"], r["rejected"]) for r in test_rows])
+        except ValueError:
+            pass  # pairs from outside the built-in world have no known Bayes limit
+        try:
+            fig = plot_calibration(rows, os.path.join(cfg.out, "calibration.png"))
+        except ImportError:  # plotting is optional
+            fig = None
+        bayes = result.get("bayes_accuracy")
+        print(f"test pairs: accuracy {ev['accuracy']:.3f}"
+              + (f" | Bayes limit {bayes:.3f}" if bayes is not None else "")
+              + f" | loss {ev['loss']:.4f}")
+        print("calibration:  bin       n   predicted  observed")
+        for r in rows:
+            print(f"              {r['bin']}  {r['n']:4d}   {r['predicted']:.3f}      {r['observed']:.3f}")
+        if fig:
+            print(f"figure: {fig}")
+    write_json(os.path.join(cfg.out, "eval.json"), result)
+    return result
+
+
+def main(argv=None):
+    prog = "train_rm.py"
+    cfg = parse_config(RMConfig, argv, prog, description=__doc__.split("\n\n")[0])
+    try:
+        train(cfg, prog)
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+        fail(prog, str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -223,6 +223,9 @@ class ScalarHeadModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
 
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     @classmethod
     def from_gpt(cls, gpt: GPT) -> "ScalarHeadModel":
         """Initialise the trunk from a language model; the LM head is dropped, the scalar head

@@ -72,7 +72,7 @@ def pad_batch(seqs: list[list[int]], n_prompt: list[int], pad_id: int, device=No
 def check_finite(step: int, **values) -> None:
     """Raise NonFiniteError naming the first quantity that is NaN or inf."""
     for name, v in values.items():
-        v = float(v)
+        v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
         if not math.isfinite(v):
             raise NonFiniteError(f"step {step}: {name} is {v}; stopping (the last good "
                                  f"checkpoint is kept)")

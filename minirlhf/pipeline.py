@@ -1,0 +1,189 @@
+"""The whole lecture in one command: SFT → preference pairs → reward model → PPO → PPO with β = 0
+→ DPO, on the built-in world, then a table, DIR/summary.json and figures.
+
+    python -m minirlhf.pipeline --out out/pipeline             # ~10 min on 2 CPU cores
+    python -m minirlhf.pipeline --out out/quick --quick        # tiny settings, under a minute
+    python -m minirlhf.pipeline --out out/pipeline --sweep     # + several β for PPO and DPO
+
+Every stage runs through the same `train(cfg)` function as its top-level script, and the
+equivalent command line is printed before it starts, so any stage can be rerun alone.
+All policies are judged the same way: one sample per held-out test prompt at temperature 1
+(what RLHF optimises; DESIGN.md), with greedy numbers beside them in each stage's eval.json.
+
+summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds"} (see the
+keys below), plus "frontier" (gold vs KL points) and "gap_closed" per method: the fraction of
+the SFT → optimum gold gap a policy closes.
+Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import train_dpo
+import train_ppo
+import train_rm
+import train_sft
+
+from .config import OneLineParser
+from .report import draw_all
+from .training import write_json
+from .world import stats as world_stats
+
+SCRIPTS = {train_sft.SFTConfig: "train_sft.py", train_rm.RMConfig: "train_rm.py",
+           train_ppo.PPOConfig: "train_ppo.py", train_dpo.DPOConfig: "train_dpo.py"}
+
+
+def command_line(cfg) -> str:
+    """The shell command that runs this config alone: the script plus every non-default flag."""
+    default = type(cfg)()
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value, base = getattr(cfg, f.name), getattr(default, f.name)
+        if value == base:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(["python", SCRIPTS[type(cfg)]] + flags)
+
+
+def quick(cfg):
+    """Tiny settings for a smoke run (used by the test suite): no quality targets."""
+    small = {"SFTConfig": dict(n_layer=2, n_head=2, n_embd=64, max_steps=60, n_examples=2000,
+                               batch_size=32, log_every=20, eval_every=60, ckpt_every=60,
+                               n_show=0, max_new_tokens=24),
+             "RMConfig": dict(n_pairs=128, n_val_pairs=32, n_test_pairs=64, max_steps=16,
+                              batch_size=16, eval_every=8, max_new_tokens=24),
+             "PPOConfig": dict(iterations=3, prompts_per_iter=4, samples_per_prompt=2,
+                               max_new_tokens=24, eval_every=3, ckpt_every=3, minibatch_size=8),
+             "DPOConfig": dict(max_steps=10, batch_size=16, eval_every=5, ckpt_every=10,
+                               max_new_tokens=24)}[type(cfg).__name__]
+    return dataclasses.replace(cfg, **small)
+
+
+def run_stage(name, module, cfg, results, timings):
+    print(f"\n=== {name} ===\n$ {command_line(cfg)}", flush=True)
+    t0 = time.time()
+    results[name] = module.train(cfg, SCRIPTS[type(cfg)])
+    timings[name] = time.time() - t0
+    return results[name]
+
+
+def main(argv=None):
+    parser = OneLineParser(prog="python -m minirlhf.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out/pipeline", help="folder for every stage and the report")
+    parser.add_argument("--quick", action="store_true", help="tiny settings, under a minute")
+    parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at several β")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out, t_start = args.out, time.time()
+    common = dict(device=args.device, seed=args.seed)
+    shrink = quick if args.quick else (lambda c: c)
+    results, timings = {}, {}
+
+    sft_cfg = shrink(train_sft.SFTConfig(out=f"{out}/sft", **common))
+    rm_cfg = shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True, **common))
+    ppo_cfg = shrink(train_ppo.PPOConfig(out=f"{out}/ppo", sft=f"{out}/sft", rm=f"{out}/rm",
+                                         **common))
+    hack_cfg = dataclasses.replace(ppo_cfg, out=f"{out}/ppo_no_kl", kl_coef=0.0)
+    dpo_cfg = shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
+                                         data=f"{out}/rm/prefs.jsonl", **common))
+
+    sft = run_stage("sft", train_sft, sft_cfg, results, timings)
+    rm = run_stage("rm", train_rm, rm_cfg, results, timings)
+    ppo = run_stage("ppo", train_ppo, ppo_cfg, results, timings)
+    hack = run_stage("ppo_no_kl", train_ppo, hack_cfg, results, timings)
+    dpo = run_stage("dpo", train_dpo, dpo_cfg, results, timings)
+
+    world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
+    summary = {
+        "world": {"demonstrators_gold": world["styles"]["mixture"]["gold"],
+                  "demonstrators_accuracy": world["styles"]["mixture"]["accuracy"],
+                  "optimum_gold": world["optimum"], "n_test_prompts": world["n_prompts"]["test"],
+                  "demonstrator_pairs_bayes_accuracy": world["bayes_accuracy"]},
+        "sft": {"gold": sft["sampled"]["gold"], "accuracy": sft["sampled"]["accuracy"],
+                "greedy_gold": sft["greedy"]["gold"], "greedy_accuracy": sft["greedy"]["accuracy"],
+                "kl": 0.0, "seconds": timings["sft"]},
+        "rm": {"test_accuracy": rm.get("test_accuracy"), "bayes_accuracy": rm.get("bayes_accuracy"),
+               "n_pairs": rm["n_train_pairs"], "seconds": timings["rm"]},
+        "ppo": {"gold": ppo["sampled"]["gold"], "accuracy": ppo["sampled"]["accuracy"],
+                "kl": ppo["sampled"]["kl"], "proxy": ppo["test_proxy"],
+                "greedy_gold": ppo["greedy"]["gold"], "seconds": timings["ppo"]},
+        "ppo_no_kl": {"gold": hack["sampled"]["gold"], "accuracy": hack["sampled"]["accuracy"],
+                      "proxy": hack["test_proxy"], "kl": hack["sampled"]["kl"],
+                      "seconds": timings["ppo_no_kl"]},
+        "dpo": {"gold": dpo["sampled"]["gold"], "accuracy": dpo["sampled"]["accuracy"],
+                "kl": dpo["sampled"]["kl"], "implicit_accuracy": dpo.get("test_pairs", {}).get("accuracy"),
+                "greedy_gold": dpo["greedy"]["gold"], "seconds": timings["dpo"]},
+    }
+    gap = summary["world"]["optimum_gold"] - summary["sft"]["gold"]
+    summary["gap_closed"] = {m: (summary[m]["gold"] - summary["sft"]["gold"]) / gap if gap > 0 else None
+                             for m in ("ppo", "ppo_no_kl", "dpo")}
+    frontier = [{"method": "SFT", "kl": 0.0, "gold": summary["sft"]["gold"]},
+                {"method": "PPO", "kl": summary["ppo"]["kl"], "gold": summary["ppo"]["gold"],
+                 "label": f"β={ppo_cfg.kl_coef:g}"},
+                {"method": "PPO β=0", "kl": summary["ppo_no_kl"]["kl"],
+                 "gold": summary["ppo_no_kl"]["gold"]},
+                {"method": "DPO", "kl": summary["dpo"]["kl"], "gold": summary["dpo"]["gold"],
+                 "label": f"β={dpo_cfg.beta:g}"}]
+    if args.sweep:
+        for beta in (0.01, 0.02, 0.1, 0.2):
+            cfg = dataclasses.replace(ppo_cfg, out=f"{out}/sweep/ppo_beta{beta:g}", kl_coef=beta)
+            r = run_stage(f"ppo β={beta:g}", train_ppo, cfg, results, timings)
+            frontier.append({"method": "PPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
+                             "label": f"β={beta:g}"})
+        for beta in (0.03, 0.3, 1.0):
+            cfg = dataclasses.replace(dpo_cfg, out=f"{out}/sweep/dpo_beta{beta:g}", beta=beta)
+            r = run_stage(f"dpo β={beta:g}", train_dpo, cfg, results, timings)
+            frontier.append({"method": "DPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
+                             "label": f"β={beta:g}"})
+    summary["frontier"] = frontier
+    summary["total_seconds"] = time.time() - t_start
+    os.makedirs(out, exist_ok=True)
+    figures = draw_all(out, summary, frontier)
+    write_json(os.path.join(out, "summary.json"), summary)
+    print_table(summary)
+    print("figures: " + ", ".join(figures))
+    print(f"summary: {os.path.join(out, 'summary.json')}")
+    return summary
+
+
+def print_table(s: dict) -> None:
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "—"
+    w = s["world"]
+    print(f"\nbuilt-in world: {w['n_test_prompts']} test prompts | demonstrators gold "
+          f"{w['demonstrators_gold']:.3f}, accuracy {w['demonstrators_accuracy']:.3f} | "
+          f"optimum {w['optimum_gold']:.2f}   (policies sampled at temperature 1)")
+    print(f"{'stage':<11} {'gold':>7} {'accuracy':>9} {'KL to SFT':>10} {'RM/implicit acc':>16} "
+          f"{'gap closed':>11} {'seconds':>8}")
+    rows = [("SFT", s["sft"], None, None),
+            ("RM", {}, s["rm"]["test_accuracy"], None),
+            ("PPO", s["ppo"], None, s["gap_closed"]["ppo"]),
+            ("PPO β=0", s["ppo_no_kl"], None, s["gap_closed"]["ppo_no_kl"]),
+            ("DPO", s["dpo"], s["dpo"].get("implicit_accuracy"), s["gap_closed"]["dpo"])]
+    for name, r, acc2, gap in rows:
+        extra = ""
+        if name == "RM":
+            extra = f"  (Bayes limit {f(s['rm']['bayes_accuracy'], '.3f')})"
+        seconds = (s["rm"] if name == "RM" else r).get("seconds")
+        print(f"{name:<11} {f(r.get('gold'), '7.3f'):>7} {f(r.get('accuracy'), '9.3f'):>9} "
+              f"{f(r.get('kl'), '10.2f'):>10} {f(acc2, '16.3f'):>16} {f(gap, '11.2f'):>11} "
+              f"{f(seconds, '8.0f'):>8}{extra}")
+    print(f"proxy reward (RM) on test prompts: PPO {s['ppo']['proxy']:+.3f}, "
+          f"PPO β=0 {s['ppo_no_kl']['proxy']:+.3f} | total {s['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,143 @@
+"""Figures of a pipeline run (matplotlib PNGs in DIR/figures/), drawn from the stages' files.
+
+    python -m minirlhf.report out/pipeline        # redraw the figures of a finished run
+
+- `losses.png`:      training (and validation) loss of SFT, the reward model and DPO
+- `hacking.png`:     PPO's proxy reward, gold score and KL per iteration, β > 0 beside β = 0
+- `frontier.png`:    gold score against KL to the SFT model for every policy (a --sweep adds
+                     several β per method: the reward-vs-KL frontier of lecture ch. 5)
+- `calibration.png`: the reward model's predicted preference probability vs the observed rate
+Left out: interactive plots; every figure is a plain PNG a README can link.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .training import read_metrics
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _rows(path, split):
+    if not os.path.exists(path):
+        return []
+    return [r for r in read_metrics(path) if r.get("split") == split]
+
+
+def plot_losses(run: str, path: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, stage, title in zip(axes, ("sft", "rm", "dpo"),
+                                ("SFT: masked cross-entropy", "Reward model: −log σ(r_w − r_l)",
+                                 "DPO: −log σ(β·margin)")):
+        metrics = os.path.join(run, stage, "metrics.jsonl")
+        for split, style in (("train", "-"), ("val", "o--")):
+            rows = _rows(metrics, split)
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=split,
+                        markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_hacking(run: str, path: str) -> str:
+    """Proxy (reward model), gold and KL per PPO iteration: with β = 0 the proxy keeps rising
+    while the gold score falls (lecture ch. 5, reward hacking)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for stage, label, color in (("ppo", "PPO, β > 0", "tab:blue"),
+                                ("ppo_no_kl", "PPO, β = 0", "tab:red")):
+        rows = _rows(os.path.join(run, stage, "metrics.jsonl"), "train")
+        if not rows:
+            continue
+        its = [r["step"] for r in rows]
+        for ax, key in zip(axes, ("proxy", "gold", "kl")):
+            ax.plot(its, [r[key] for r in rows], color=color, label=label, lw=1.2)
+    for ax, title in zip(axes, ("proxy reward r_φ (what PPO maximises)",
+                                "gold score (what we wanted)", "KL(π_θ ‖ π_ref), nats")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str) -> str:
+    """points: {"label", "method", "kl", "gold"}; one marker style per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
+              "DPO": ("tab:green", "^")}
+    seen = set()
+    for p in points:
+        color, marker = styles.get(p["method"], ("gray", "."))
+        ax.scatter(p["kl"], p["gold"], c=color, marker=marker, s=40,
+                   label=p["method"] if p["method"] not in seen else None)
+        seen.add(p["method"])
+        if p.get("label"):
+            ax.annotate(p["label"], (p["kl"], p["gold"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+    ax.axhline(optimum, color="gray", ls="--", lw=1, label="optimum")
+    ax.axhline(demonstrators, color="gray", ls=":", lw=1, label="demonstrators")
+    ax.set_xlabel("KL to the SFT model (nats per response)")
+    ax.set_ylabel("gold score (test prompts, T = 1)")
+    ax.set_title("Gold score vs KL", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_calibration(rows: list[dict], path: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-",
+            label="reward model")
+    ax.set_xlabel("predicted P(a ≻ b) = σ(r_a − r_b)")
+    ax.set_ylabel("observed rate a was chosen")
+    ax.set_title("Reward model calibration (test pairs)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_all(run: str, summary: dict, frontier_points: list[dict]) -> list[str]:
+    out = os.path.join(run, "figures")
+    os.makedirs(out, exist_ok=True)
+    paths = [plot_losses(run, os.path.join(out, "losses.png")),
+             plot_hacking(run, os.path.join(out, "hacking.png")),
+             plot_frontier(frontier_points, summary["world"]["optimum_gold"],
+                           summary["world"]["demonstrators_gold"],
+                           os.path.join(out, "frontier.png"))]
+    rm_eval = os.path.join(run, "rm", "eval.json")
+    if os.path.exists(rm_eval):
+        rows = json.load(open(rm_eval)).get("calibration")
+        if rows:
+            paths.append(plot_calibration(rows, os.path.join(out, "calibration.png")))
+    return paths
+
+
+if __name__ == "__main__":
+    run = sys.argv[1] if len(sys.argv) > 1 else "out/pipeline"
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    for p in draw_all(run, summary, summary.get("frontier", [])):
+        print(p)
