@@ -1,0 +1,206 @@
+"""Properties of minirlhf/checkpoint.py: models, optimizer and random state survive a save/load
+exactly; truncated, foreign and malicious files are refused with a CheckpointError naming the
+file; mismatched models and tokenizers are refused; writes are atomic.
+"""
+import collections
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from minirlhf.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
+                                 model_from_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
+from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
+from minirlhf.tokenizer import Tokenizer
+
+CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+@dataclass
+class RunConfig:
+    lr: float = 1e-3   # a stand-in for a script's config
+    seed: int = 0      # saved beside the weights
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train("a tiny corpus for a tiny tokenizer " * 10, 256 + 8)
+
+
+def randomized(model, seed):
+    """Weights unlike a fresh init, so loading the wrong thing cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def save(path, model, kind, tok, **kw):
+    save_checkpoint(str(path), model=model, model_kind=kind, config=RunConfig(), tokenizer=tok,
+                    step=7, **kw)
+
+
+@pytest.mark.parametrize("kind, make", [("gpt", GPT), ("scalar", ScalarHeadModel)])
+def test_saved_model_rebuilds_with_identical_outputs(tmp_path, tok, kind, make):
+    """save -> load -> model_from_checkpoint gives the same model kind with bit-identical outputs;
+    asking for the other kind is refused."""
+    model = randomized(make(CFG), seed=1)
+    path = tmp_path / "ck.pt"
+    save(path, model, kind, tok)
+    ck = load_checkpoint(str(path))
+    back = model_from_checkpoint(ck, str(path)).eval()
+    assert type(back) is make
+    assert ck["step"] == 7 and ck["config"] == {"lr": 1e-3, "seed": 0}
+    x = torch.randint(64, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    other = "scalar" if kind == "gpt" else "gpt"
+    with pytest.raises(CheckpointError, match="expected"):
+        model_from_checkpoint(ck, str(path), kind=other)
+
+
+def test_optimizer_state_round_trips(tmp_path, tok):
+    """AdamW resumed from a checkpoint takes exactly the step the uninterrupted run takes."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(64, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(m, o):
+        loss = m(x).logsumexp(-1).mean()
+        o.zero_grad()
+        loss.backward()
+        o.step()
+
+    for _ in range(3):
+        step(model, opt)
+    path = tmp_path / "ck.pt"
+    save(path, model, "gpt", tok, optimizer=opt)
+    ck = load_checkpoint(str(path))
+    resumed = model_from_checkpoint(ck)
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    opt2.load_state_dict(ck["optimizer"])
+    step(model, opt)
+    step(resumed, opt2)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path, tok):
+    """After set_rng_state(saved state), torch, numpy, python and the generator draw again exactly
+    what they drew right after the state was taken."""
+    gen = torch.Generator().manual_seed(123)
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    path = tmp_path / "ck.pt"
+    save(path, GPT(CFG), "gpt", tok, rng=rng_state(gen))
+
+    def draws(g):
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random(),
+                torch.rand(3, generator=g).tolist())
+
+    first = draws(gen)
+    assert draws(gen) != first  # the streams move on...
+    fresh = torch.Generator()
+    set_rng_state(load_checkpoint(str(path))["rng"], fresh)
+    assert draws(fresh) == first  # ...and rewind
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, -1])
+def test_truncated_file_is_refused_with_its_path(tmp_path, tok, keep):
+    """A checkpoint cut short (a crash mid-copy) is a CheckpointError naming the file."""
+    path = tmp_path / "ck.pt"
+    save(path, GPT(CFG), "gpt", tok)
+    data = path.read_bytes()
+    cut = data[:keep] if isinstance(keep, int) else data[: int(len(data) * keep)]
+    path.write_bytes(cut)
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(str(path))
+
+
+class Sneaky(collections.OrderedDict):
+    """A dict subclass: unpickling it means importing this test module's class."""
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): the classic pickle code-execution trick."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_foreign_and_malicious_files_are_refused(tmp_path):
+    """Random bytes, a pickled dict subclass, a pickle that would run code, and a plain tensor dict
+    without our format tag are all CheckpointErrors, and the code never runs."""
+    marker = tmp_path / "pwned"
+    cases = {
+        "random.pt": lambda p: p.write_bytes(os.urandom(4096)),
+        "subclass.pt": lambda p: torch.save(Sneaky(w=torch.ones(2)), p),
+        "code.pt": lambda p: torch.save({"format": "x", "payload": RunsCode(str(marker))}, p),
+        "plain.pt": lambda p: torch.save({"weights": torch.ones(2)}, p),
+    }
+    for name, write in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(CheckpointError, match=name):
+            load_checkpoint(str(path))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_check_compatible_refuses_other_models_and_tokenizers(tmp_path, tok):
+    """A checkpoint of another size or another tokenizer is refused, naming what differs; the
+    matching model and tokenizer pass (dropout may differ: it is not part of the weights)."""
+    path = tmp_path / "ck.pt"
+    save(path, GPT(CFG), "gpt", tok)
+    ck = load_checkpoint(str(path))
+    check_compatible(ck, str(path), model_config=CFG, tokenizer=tok)
+    check_compatible(ck, str(path), model_config=GPTConfig(**{**vars(CFG), "dropout": 0.1}))
+    bigger = GPTConfig(**{**vars(CFG), "n_embd": 32})
+    with pytest.raises(CheckpointError, match=r"n_embd=16 \(run wants 32\)"):
+        check_compatible(ck, str(path), model_config=bigger)
+    other_tok = Tokenizer.train("some other text entirely " * 10, 256 + 8)
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        check_compatible(ck, str(path), tokenizer=other_tok)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, tok):
+    """A checkpoint whose config was edited to disagree with its weights is a CheckpointError."""
+    path = tmp_path / "ck.pt"
+    save(path, GPT(CFG), "gpt", tok)
+    ck = load_checkpoint(str(path))
+    ck["model_config"]["n_embd"] = 32
+    with pytest.raises(CheckpointError, match="do not fit"):
+        model_from_checkpoint(ck, str(path))
+
+
+def test_writes_are_atomic(tmp_path, tok, monkeypatch):
+    """A save leaves only the checkpoint in its folder; a save that dies mid-write leaves the
+    previous checkpoint intact and loadable, and no temporary file behind."""
+    path = tmp_path / "ck.pt"
+    first = randomized(GPT(CFG), seed=1)
+    save(path, first, "gpt", tok)
+    save(path, first, "gpt", tok)  # overwriting is a save too
+    assert os.listdir(tmp_path) == ["ck.pt"]
+    before = path.read_bytes()
+
+    def dies_mid_write(obj, f, *a, **kw):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space"):
+        save(path, randomized(GPT(CFG), seed=2), "gpt", tok)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ck.pt"]
+    back = model_from_checkpoint(load_checkpoint(str(path)))
+    assert torch.equal(back.lm_head.weight, first.lm_head.weight)
