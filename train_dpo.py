@@ -19,6 +19,7 @@ or iterative DPO, length normalisation.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from minirlhf.data import DataError, read_prefs
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, lr_at,
+from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
                                make_optimizer, pad_batch, set_lr, start_run, write_json)
 from minirlhf.world import World, evaluate
 
@@ -247,14 +248,19 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     # --- the loop: one policy forward on chosen + rejected, the DPO loss, step ---
     policy.train()
     n = len(train_pairs)
+    lengths = np.array([max(len(c), len(r)) for c, r, _ in train_pairs])
+
+    @functools.lru_cache(maxsize=2)
+    def batches_of(epoch):
+        return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, n))
+
     t0 = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="dpo", disable=None, leave=False)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        epoch, offset = divmod(step * cfg.batch_size, n)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        idx = [int(perm[(offset + i) % n]) for i in range(cfg.batch_size)]
+        epoch, k = divmod(step, len(batches_of(0)))
+        idx = batches_of(epoch)[k].tolist()
         chosen_logp, rejected_logp = response_logprobs(fwd, [train_pairs[i] for i in idx], tok, device)
         ref_chosen, ref_rejected = ref_train[idx].to(device).unbind(1)
         loss, stats = dpo_loss(chosen_logp, rejected_logp, ref_chosen, ref_rejected, cfg.beta,
@@ -290,7 +296,8 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         print(f"test pairs: implicit-reward accuracy {result['test_pairs']['accuracy']:.3f}")
     for name, temp in (("sampled", 1.0), ("greedy", 0.0)):
         result[name] = evaluate(policy, tok, world.test_prompts, ref=ref if temp == 1.0 else None,
-                                temperature=temp, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                                temperature=temp, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                    repeats=4 if temp > 0 else 1)
         r = result[name]
         print(f"test ({name}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | length "
               f"{r['length']:.1f} | ended {r['ended']:.3f}" + (f" | kl {r['kl']:.2f}" if "kl" in r else ""))

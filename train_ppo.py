@@ -427,7 +427,7 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
         for name, temp in (("sampled", 1.0), ("greedy", 0.0)):
             result[name] = evaluate(policy, tok, world.test_prompts, ref=ref if temp == 1.0 else None,
                                     temperature=temp, max_new_tokens=cfg.max_new_tokens,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, repeats=4 if temp > 0 else 1)
             r = result[name]
             print(f"test ({name}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | length "
                   f"{r['length']:.1f} | ended {r['ended']:.3f}"

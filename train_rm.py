@@ -21,6 +21,7 @@ Left out on purpose: ensembles, margin losses, more than two responses per compa
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from minirlhf.model import ScalarHeadModel
 from minirlhf.report import plot_calibration
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, lr_at,
+from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
                                make_optimizer, pad_batch, set_lr, start_run, write_json)
 from minirlhf.world import World, bayes_accuracy, label_pair
 
@@ -84,36 +85,42 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch
 # ----------------------------------------------------------------------------------------------
 
 def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float = 1.0,
-               max_new_tokens: int = 32, batch_size: int = 512) -> list[dict]:
+               max_new_tokens: int = 32, k: int = 2, batch_size: int = 512) -> list[dict]:
     """`n_pairs` {"prompt", "chosen", "rejected"} rows, cycling through `prompts`.
 
-    Pairs where either response lacks the end token or is empty, or both are the same text, are
-    skipped: the JSONL format cannot mark a cut-off response or hold an empty one, and an
+    For each prompt the policy writes k responses and every two of them become a pair, each
+    labelled by its own draw of the Bradley–Terry labeller (InstructGPT had labellers rank K = 4
+    to 9 responses for the same reason: K responses give K(K−1)/2 comparisons, many of them
+    between responses that differ in one respect only). k = 2 is the plain "sample two" of the
+    lecture. Responses that lack the end token or are empty are dropped, and so are pairs of
+    identical texts: the JSONL format cannot mark a cut-off response or hold an empty one, and an
     identical pair carries no preference.
     """
     rng = np.random.default_rng(seed)  # the labeller's coin flips
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
-    rows, tries = [], 0
+    rows, tries, cursor = [], 0, 0
     order = [prompts[i] for i in rng.permutation(len(prompts))]
     while len(rows) < n_pairs:
         tries += 1
-        if tries > 50:
+        if tries > 100:
             raise RuntimeError(f"could not make {n_pairs} distinct ended pairs "
                                f"(made {len(rows)}): is the policy ending its responses?")
-        chunk = [order[(len(rows) + i) % len(order)] for i in range(batch_size // 2)]
-        both = [p for p in chunk for _ in range(2)]  # two samples per prompt, side by side
-        g = generate(policy, [tok.render_prompt(p.text) for p in both], max_new_tokens,
+        chunk = [order[(cursor + i) % len(order)] for i in range(max(1, batch_size // k))]
+        cursor += len(chunk)
+        group = [p for p in chunk for _ in range(k)]  # k samples per prompt, side by side
+        g = generate(policy, [tok.render_prompt(p.text) for p in group], max_new_tokens,
                      eos_id=tok.end_id, pad_id=tok.pad_id, temperature=temperature, generator=gen)
-        texts = [tok.decode(ids) for ids in g.responses()]
-        ended = g.ended.tolist()
+        texts = [tok.decode(ids) if ended else None
+                 for ids, ended in zip(g.responses(), g.ended.tolist())]
         for i, p in enumerate(chunk):
-            a, b = texts[2 * i], texts[2 * i + 1]
-            if a == b or not (a.strip() and b.strip() and ended[2 * i] and ended[2 * i + 1]):
-                continue
-            chosen, rejected = label_pair(p, a, b, rng)
-            rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
-            if len(rows) == n_pairs:
-                break
+            answers = [t for t in texts[i * k:(i + 1) * k] if t is not None and t.strip()]
+            for x in range(len(answers)):
+                for y in range(x + 1, len(answers)):
+                    a, b = answers[x], answers[y]
+                    if a == b or len(rows) == n_pairs:
+                        continue
+                    chosen, rejected = label_pair(p, a, b, rng)
+                    rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -123,12 +130,13 @@ def make_pairs_main(cfg, device) -> dict:
     policy, tok, _ = load_stage(cfg.policy, "gpt", device)
     policy.eval()
     world = World(cfg.seed)
-    splits = {"prefs.jsonl": (world.train_prompts, cfg.n_pairs, cfg.seed),
-              "prefs_val.jsonl": (world.val_prompts, cfg.n_val_pairs, cfg.seed + 1),
-              "prefs_test.jsonl": (world.test_prompts, cfg.n_test_pairs, cfg.seed + 2)}
+    # held-out pairs are plain independent pairs (k = 2), so their Bayes limit is the lecture's
+    splits = {"prefs.jsonl": (world.train_prompts, cfg.n_pairs, cfg.seed, cfg.responses_per_prompt),
+              "prefs_val.jsonl": (world.val_prompts, cfg.n_val_pairs, cfg.seed + 1, 2),
+              "prefs_test.jsonl": (world.test_prompts, cfg.n_test_pairs, cfg.seed + 2, 2)}
     counts = {}
-    for name, (prompts, n, seed) in splits.items():
-        rows = make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature, cfg.max_new_tokens)
+    for name, (prompts, n, seed, k) in splits.items():
+        rows = make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature, cfg.max_new_tokens, k)
         write_jsonl(os.path.join(cfg.out, name), rows)
         counts[name] = len(rows)
     seconds = time.time() - t0
@@ -157,6 +165,7 @@ class RMConfig:
     n_pairs: int = 4000               # training pairs to sample
     n_val_pairs: int = 400            # validation pairs (from validation prompts)
     n_test_pairs: int = 800           # test pairs (from test prompts)
+    responses_per_prompt: int = 2     # k responses per training prompt, all k(k-1)/2 pairs labelled
     pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
     max_new_tokens: int = 64          # response budget when sampling pairs
     # optimisation
@@ -178,6 +187,8 @@ class RMConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError("--lr and --grad-clip must be positive")
+        if self.responses_per_prompt < 2:
+            raise ValueError("--responses-per-prompt must be at least 2")
         if self.pairs_only and not self.make_pairs:
             raise ValueError("--pairs-only needs --make-pairs")
 
@@ -294,14 +305,19 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     # --- the loop: score chosen and rejected, Bradley–Terry loss, step ---
     rm.train()
     n = len(train_pairs)
+    lengths = np.array([max(len(c), len(r)) for c, r in train_pairs])
+
+    @functools.lru_cache(maxsize=2)
+    def batches_of(epoch):
+        return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, n))
+
     bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None, leave=False)
     stopped_early = False
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        epoch, offset = divmod(step * cfg.batch_size, n)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        idx = [perm[(offset + i) % n] for i in range(cfg.batch_size)]
+        epoch, k = divmod(step, len(batches_of(0)))
+        idx = batches_of(epoch)[k]
         r_chosen, r_rejected = score_pairs(rm, [train_pairs[i] for i in idx], tok, device)
         loss, stats = reward_loss(r_chosen, r_rejected)  # −log σ(r_w − r_l), lecture ch. 6
         loss.backward()

@@ -18,6 +18,7 @@ Left out on purpose: packing several examples into one sequence, LoRA, multi-tur
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ from minirlhf.device import autocast, maybe_compile
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, lr_at,
+from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
                                make_optimizer, pad_batch, set_lr, start_run, write_json)
 from minirlhf.world import World, evaluate, world_tokenizer
 
@@ -152,18 +153,6 @@ def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
     return train, val
 
 
-def batch_indices(step: int, micro: int, cfg: SFTConfig, n: int) -> np.ndarray:
-    """Which examples micro-batch `micro` of `step` reads: a fresh permutation per epoch, drawn
-    from (seed, epoch). A function of the step alone, so a resumed run reads the same data."""
-    start = (step * cfg.grad_accum + micro) * cfg.batch_size
-    idx = []
-    while len(idx) < cfg.batch_size:
-        epoch, offset = divmod(start + len(idx), n)
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        idx.extend(perm[offset:offset + cfg.batch_size - len(idx)].tolist())
-    return np.array(idx)
-
-
 @torch.no_grad()
 def validation_loss(model, val, tok, device, batch_size=256) -> float:
     model.eval()
@@ -217,6 +206,12 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     fwd = maybe_compile(model, device, cfg.compile)
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None)
 
+    lengths = np.array([len(ids) for ids, _ in train_set])
+
+    @functools.lru_cache(maxsize=2)
+    def batches_of(epoch):
+        return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, len(train_set)))
+
     def save(step):
         save_stage(cfg.out, model=model, model_kind="gpt", config=cfg, tokenizer=tok, step=step,
                    optimizer=optimizer, rng=rng_state())
@@ -231,8 +226,8 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
         set_lr(optimizer, lr)
         micro_batches = []
         for micro in range(cfg.grad_accum):
-            seqs, n_prompt = zip(*(train_set[i] for i in batch_indices(step, micro, cfg,
-                                                                        len(train_set))))
+            epoch, k = divmod(step * cfg.grad_accum + micro, len(batches_of(0)))
+            seqs, n_prompt = zip(*(train_set[i] for i in batches_of(epoch)[k]))
             micro_batches.append(pad_batch(list(seqs), list(n_prompt), tok.pad_id, device))
         # token mean over the whole accumulated batch: weigh each micro-batch by its tokens
         n_total = sum(int(m[2][:, 1:].sum()) for m in micro_batches)
@@ -276,7 +271,8 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
         model.eval()
         for name, temp in (("sampled", cfg.eval_temperature), ("greedy", 0.0)):
             result[name] = evaluate(model, tok, world.test_prompts, temperature=temp,
-                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                    repeats=4 if temp > 0 else 1)
             r = result[name]
             print(f"test ({name}, T={temp}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | "
                   f"length {r['length']:.1f} | ended {r['ended']:.3f} | optimum {r['optimum']:.2f}")

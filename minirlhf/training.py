@@ -3,6 +3,7 @@
 - `lr_at(step, ...)`: linear warmup then cosine decay, the schedule every stage uses.
 - `make_optimizer(model, ...)`: AdamW, weight decay on matrices only (fused on CUDA).
 - `pad_batch(seqs, ...)`: right-padded (tokens, attn_mask, loss_mask) from token lists.
+- `epoch_batches(...)`: an epoch's batches, grouped by length, a function of (seed, epoch) only.
 - `MetricsLog`: appends one JSON line per logged step to OUT/metrics.jsonl; on resume it first cuts
   the file back to the checkpoint's step, so a killed run never leaves duplicated steps.
 - `check_finite`: a NaN or inf in a loss, reward or gradient norm stops the run with a message that
@@ -67,6 +68,23 @@ def pad_batch(seqs: list[list[int]], n_prompt: list[int], pad_id: int, device=No
         attn_mask[i, :len(s)] = True
         loss_mask[i, p:len(s)] = True
     return tokens.to(device), attn_mask.to(device), loss_mask.to(device)
+
+
+def epoch_batches(seed: int, epoch: int, lengths: np.ndarray, batch_size: int) -> list:
+    """The batches of one epoch, as arrays of example indices. Examples are shuffled, then
+    sorted by length inside windows of 32 batches so that a batch holds similar lengths (less
+    padding, about 2x faster here), then the batch order is shuffled again. Drawn from
+    (seed, epoch) alone, so a resumed run reads exactly the same batches."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(perm), window):
+        chunk = perm[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size] or batches  # drop ragged leftovers
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def check_finite(step: int, **values) -> None:

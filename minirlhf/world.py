@@ -72,6 +72,7 @@ policy; `world_tokenizer()` is the BPE tokenizer trained on the world's text, ca
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import re
@@ -524,15 +525,18 @@ def world_text(seed: int = 0, n: int = 4000) -> str:
 
 def world_tokenizer(vocab_size: int = 512, seed: int = 0, cache_dir: str | None = None):
     """The world's BPE tokenizer, trained once and cached on disk (in $MINIRLHF_CACHE or
-    ~/.cache/minirlhf); the cache file is keyed by vocabulary size and seed."""
+    ~/.cache/minirlhf); the file name holds a hash of the training text and the vocabulary size,
+    so a changed world never loads a stale tokenizer."""
     from .tokenizer import Tokenizer, TokenizerError
     cache_dir = cache_dir or os.environ.get("MINIRLHF_CACHE",
                                             os.path.expanduser("~/.cache/minirlhf"))
-    path = os.path.join(cache_dir, f"world-v1-seed{seed}-vocab{vocab_size}.tiktoken")
+    text = world_text(seed)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]  # a changed world gets a new file
+    path = os.path.join(cache_dir, f"world-{digest}-vocab{vocab_size}.tiktoken")
     try:
         return Tokenizer.load(path)
     except TokenizerError:
-        tok = Tokenizer.train(world_text(seed), vocab_size)
+        tok = Tokenizer.train(text, vocab_size)
         try:
             tok.save(path)
         except OSError:
@@ -542,14 +546,15 @@ def world_tokenizer(vocab_size: int = 512, seed: int = 0, cache_dir: str | None 
 
 def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
-             seed: int = 0, n_samples: int = 0) -> dict:
+             seed: int = 0, n_samples: int = 0, repeats: int = 1) -> dict:
     """Sample one response per prompt and judge it.
 
     Returns mean gold score, accuracy, mean response length (tokens, end excluded), the fraction
     that ended properly, and — given a reference model and temperature 1 — the mean KL to it,
     KL(π‖π_ref) estimated per response as Σ_t log π(y_t) − log π_ref(y_t) over its tokens (k1,
     lecture ch. 5; unbiased because the responses are sampled from π). `samples` holds the first
-    `n_samples` (prompt, response, gold) for printing.
+    `n_samples` (prompt, response, gold) for printing. `repeats` samples each prompt that many
+    times (a lower-variance estimate on a small prompt set; greedy decoding needs only 1).
     """
     import torch
     from .masking import token_logprobs
@@ -557,7 +562,7 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
 
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = [lookup(p) for p in prompts]
+    prompts = [lookup(p) for p in prompts for _ in range(repeats)]
     golds, accs, lengths, ends, kls, samples = [], [], [], [], [], []
     was_training = policy.training
     policy.eval()

@@ -1,0 +1,199 @@
+"""End-to-end runs of the four scripts on tiny settings: each finishes, writes its checkpoint and
+metrics, and a run interrupted right after a checkpoint resumes to the same weights as a run
+that was never interrupted (CPU, same seed)."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import train_dpo
+import train_ppo
+import train_rm
+import train_sft
+from minirlhf.checkpoint import load_checkpoint, load_stage
+from minirlhf.training import read_metrics
+
+TINY_SFT = dict(n_layer=1, n_head=2, n_embd=32, max_steps=60, n_examples=1000, batch_size=32,
+                log_every=20, eval_every=30, ckpt_every=20, n_show=1, max_new_tokens=32,
+                warmup=10, device="cpu")
+
+
+class Interrupted(Exception):
+    """Stands in for a SIGKILL that lands right after a checkpoint write."""
+
+
+def interrupt_after_saves(monkeypatch, module, name, n):
+    """Make `module.name` (a save function) raise after its n-th call has finished writing."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Interrupted
+        return out
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def same_weights(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    train_sft.train(train_sft.SFTConfig(out=out, **TINY_SFT))
+    return out
+
+
+def test_sft_writes_checkpoint_metrics_and_eval(sft_dir):
+    """A tiny SFT run leaves a loadable checkpoint at its last step, metrics for every logged
+    step exactly once, and an eval.json with the gold numbers; it has learned to end answers."""
+    model, tok, ck = load_stage(sft_dir, "gpt")
+    assert ck["step"] == TINY_SFT["max_steps"]
+    rows = read_metrics(os.path.join(sft_dir, "metrics.jsonl"))
+    train_steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert train_steps == [20, 40, 60]
+    ev = json.load(open(os.path.join(sft_dir, "eval.json")))
+    assert set(ev["sampled"]) >= {"gold", "accuracy", "length", "ended"}
+    assert rows[0]["loss"] > rows[-1]["loss"]
+    assert ev["sampled"]["ended"] > 0.5  # the chat format is learned: answers stop
+
+
+def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir):
+    """Interrupted after the checkpoint at step 20, then --resume: the final weights equal those of
+    the uninterrupted run, and metrics.jsonl has each step once."""
+    out = str(tmp_path / "sft")
+    cfg = train_sft.SFTConfig(out=out, **TINY_SFT)
+    interrupt_after_saves(monkeypatch, train_sft, "save_stage", 1)
+    with pytest.raises(Interrupted):
+        train_sft.train(cfg)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 20
+    monkeypatch.undo()
+    train_sft.train(dataclasses.replace(cfg, resume=True))
+    assert same_weights(os.path.join(out, "checkpoint.pt"), os.path.join(sft_dir, "checkpoint.pt"))
+    steps = [r["step"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))
+             if r["split"] == "train"]
+    assert steps == [20, 40, 60]
+
+
+RM = dict(make_pairs=True, n_pairs=48, n_val_pairs=16, n_test_pairs=32, max_new_tokens=32,
+          max_steps=8, batch_size=8, eval_every=4, patience=5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, sft_dir):
+    out = str(tmp_path_factory.mktemp("rm"))
+    train_rm.train(train_rm.RMConfig(out=out, sft=sft_dir, **RM))
+    return out
+
+
+def test_rm_makes_pairs_and_trains(rm_dir):
+    """--make-pairs writes the three preference files; training writes a scalar checkpoint and an
+    eval.json with test accuracy, the Bayes limit and a calibration table."""
+    for name, n in (("prefs.jsonl", 48), ("prefs_val.jsonl", 16), ("prefs_test.jsonl", 32)):
+        rows = [json.loads(l) for l in open(os.path.join(rm_dir, name))]
+        assert len(rows) == n and all(r["chosen"] != r["rejected"] for r in rows)
+    model, _, ck = load_stage(rm_dir, "scalar")
+    assert ck["extra"]["finished"]
+    ev = json.load(open(os.path.join(rm_dir, "eval.json")))
+    assert 0 <= ev["test_accuracy"] <= 1 and 0.5 <= ev["bayes_accuracy"] <= 1
+    assert sum(r["n"] for r in ev["calibration"]) == 2 * 32  # every pair, both orders
+
+
+def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir):
+    """An RM run interrupted after its first checkpoint resumes to the same final weights."""
+    out = str(tmp_path / "rm")
+    cfg = train_rm.RMConfig(out=out, sft=sft_dir, data=os.path.join(rm_dir, "prefs.jsonl"),
+                            val_data=os.path.join(rm_dir, "prefs_val.jsonl"),
+                            **{**RM, "make_pairs": False})
+    reference = str(tmp_path / "rm_ref")
+    train_rm.train(dataclasses.replace(cfg, out=reference))
+    interrupt_after_saves(monkeypatch, train_rm, "save_stage", 1)
+    with pytest.raises(Interrupted):
+        train_rm.train(cfg)
+    monkeypatch.undo()
+    train_rm.train(dataclasses.replace(cfg, resume=True))
+    assert same_weights(os.path.join(out, "checkpoint.pt"), os.path.join(reference, "checkpoint.pt"))
+
+
+PPO = dict(iterations=4, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=32,
+           minibatch_size=4, eval_every=2, ckpt_every=2, device="cpu")
+
+
+@pytest.mark.parametrize("advantage", ["gae", "bandit", "group"])
+def test_ppo_runs_each_advantage_mode(tmp_path, sft_dir, rm_dir, advantage):
+    """A few PPO iterations in each advantage mode: finite diagnostics every iteration, the
+    policy moves away from the reference, and eval.json has gold, KL and the proxy reward."""
+    out = str(tmp_path / advantage)
+    res = train_ppo.train(train_ppo.PPOConfig(out=out, sft=sft_dir, rm=rm_dir,
+                                              advantage=advantage, **PPO))
+    rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for key in ("proxy", "kl", "approx_kl", "clipfrac", "entropy", "time_update"):
+            assert r[key] == r[key] and abs(r[key]) < 1e6, (key, r[key])
+    assert rows[-1]["approx_kl"] > 0
+    assert {"gold", "accuracy", "kl"} <= set(res["sampled"]) and "test_proxy" in res
+    policy, _, _ = load_stage(out, "gpt")
+    ref, _, _ = load_stage(sft_dir, "gpt")
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), ref.parameters()))
+
+
+def test_ppo_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir):
+    """PPO interrupted after the checkpoint at iteration 2 resumes (policy, value model, optimisers,
+    KL controller) to the same final policy as an uninterrupted run."""
+    cfg = train_ppo.PPOConfig(out=str(tmp_path / "a"), sft=sft_dir, rm=rm_dir, adaptive_kl=True,
+                              **PPO)
+    train_ppo.train(cfg)
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    interrupt_after_saves(monkeypatch, train_ppo, "save_stage", 1)
+    with pytest.raises(Interrupted):
+        train_ppo.train(cut)
+    monkeypatch.undo()
+    train_ppo.train(dataclasses.replace(cut, resume=True))
+    assert same_weights(str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt"))
+    a = load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["extra"]
+    b = load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["extra"]
+    assert a["kl_controller"] == b["kl_controller"]
+    assert all(torch.equal(a["value_model"][k], b["value_model"][k]) for k in a["value_model"])
+
+
+DPO = dict(max_steps=6, batch_size=8, eval_every=3, ckpt_every=3, max_new_tokens=32, device="cpu")
+
+
+def test_dpo_trains_and_resumes(tmp_path, monkeypatch, sft_dir, rm_dir):
+    """DPO on the RM stage's pairs: the training implicit-reward margin grows from 0, eval.json has
+    the test-pair accuracy and the gold numbers, and an interrupted run resumes to the same
+    weights as an uninterrupted one."""
+    data = os.path.join(rm_dir, "prefs.jsonl")
+    cfg = train_dpo.DPOConfig(out=str(tmp_path / "a"), sft=sft_dir, data=data, **DPO)
+    res = train_dpo.train(cfg)
+    assert "accuracy" in res["test_pairs"] and "kl" in res["sampled"]
+    rows = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if r["split"] == "train"]
+    assert rows[-1]["margin"] > 0  # the policy moved toward the chosen responses
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    interrupt_after_saves(monkeypatch, train_dpo, "save_stage", 1)
+    with pytest.raises(Interrupted):
+        train_dpo.train(cut)
+    monkeypatch.undo()
+    train_dpo.train(dataclasses.replace(cut, resume=True))
+    assert same_weights(str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt"))
+
+
+def test_explain_prints_each_token(sft_dir, capsys):
+    """--explain shows one line per response token (end token included) with p and −log p, and
+    the mean equals L_SFT for that example."""
+    rows = train_sft.explain(sft_dir, "What is 3 plus 4?", "3 plus 4 is 7.", color=False)
+    out = capsys.readouterr().out
+    _, tok, _ = load_stage(sft_dir, "gpt")
+    ids, n_prompt = tok.render("What is 3 plus 4?", "3 plus 4 is 7.")
+    assert len(rows) == len(ids) - n_prompt
+    assert rows[-1]["token"] == "<|end|>"
+    mean = sum(r["loss"] for r in rows) / len(rows)
+    assert f"{mean:.4f}" in out
+    assert all(abs(r["p"] - torch.exp(torch.tensor(-r["loss"])).item()) < 1e-6 for r in rows)
