@@ -182,14 +182,14 @@ class PPOConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
     compile: bool = False             # torch.compile the policy (CUDA only)
     # rollout
-    iterations: int = 120             # PPO iterations (rollout + update each)
+    iterations: int = 100             # PPO iterations (rollout + update each)
     prompts_per_iter: int = 16        # prompts sampled per iteration
     samples_per_prompt: int = 4       # responses per prompt (k; the group baseline needs k >= 2)
     max_new_tokens: int = 48          # response budget
     temperature: float = 1.0          # sampling temperature (1 = the policy π_θ itself)
     no_end_penalty: float = -1.0      # added to the reward of a response that never ends
     # objective
-    kl_coef: float = 0.05             # β in r − β·KL(π_θ‖π_ref) (lecture ch. 5)
+    kl_coef: float = 0.2              # β in r − β·KL(π_θ‖π_ref) (lecture ch. 5)
     adaptive_kl: bool = False         # adapt β toward --target-kl (Ziegler et al. 2019)
     target_kl: float = 4.0            # nats per response, for --adaptive-kl
     kl_horizon: int = 2000            # responses over which the adaptive controller reacts

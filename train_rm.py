@@ -162,21 +162,21 @@ class RMConfig:
     seed: int = 0                     # seeds pair sampling, labels, data order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
     # pairs
-    n_pairs: int = 4000               # training pairs to sample
+    n_pairs: int = 8000               # training pairs to sample
     n_val_pairs: int = 400            # validation pairs (from validation prompts)
     n_test_pairs: int = 800           # test pairs (from test prompts)
-    responses_per_prompt: int = 2     # k responses per training prompt, all k(k-1)/2 pairs labelled
+    responses_per_prompt: int = 4     # k responses per training prompt, all k(k-1)/2 pairs labelled
     pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
     max_new_tokens: int = 64          # response budget when sampling pairs
     # optimisation
-    max_steps: int = 400              # optimizer steps (early stopping may end sooner)
+    max_steps: int = 600              # optimizer steps (early stopping may end sooner)
     batch_size: int = 64              # pairs per step
-    lr: float = 1e-3                  # peak learning rate (AdamW)
+    lr: float = 5e-4                  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1         # cosine decays to lr * this
     warmup: int = 20                  # linear warmup steps
     weight_decay: float = 0.1         # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0            # max global gradient norm
-    eval_every: int = 50              # steps between validation loss/accuracy (and checkpoints)
+    eval_every: int = 100             # steps between validation loss/accuracy (and checkpoints)
     patience: int = 3                 # stop after this many evaluations without a better val loss
     normalize: bool = True            # shift rewards so the SFT policy's responses average 0
 

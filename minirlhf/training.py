@@ -70,14 +70,17 @@ def pad_batch(seqs: list[list[int]], n_prompt: list[int], pad_id: int, device=No
     return tokens.to(device), attn_mask.to(device), loss_mask.to(device)
 
 
-def epoch_batches(seed: int, epoch: int, lengths: np.ndarray, batch_size: int) -> list:
+def epoch_batches(seed: int, epoch: int, lengths: np.ndarray, batch_size: int,
+                  window: int = 4) -> list:
     """The batches of one epoch, as arrays of example indices. Examples are shuffled, then
-    sorted by length inside windows of 32 batches so that a batch holds similar lengths (less
-    padding, about 2x faster here), then the batch order is shuffled again. Drawn from
-    (seed, epoch) alone, so a resumed run reads exactly the same batches."""
+    sorted by length inside windows of `window` batches so that a batch holds similar lengths
+    (less padding), then the batch order is shuffled again. A small window on purpose: in the
+    built-in world length goes with the writer's style, and batches of one style trained worse
+    (measured: window 32 was 2.2x faster per step but ended at val loss 0.256 vs 0.229 for
+    random batches). Drawn from (seed, epoch) alone, so a resumed run reads the same batches."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
-    window = batch_size * 32
+    window = batch_size * window
     batches = []
     for start in range(0, len(perm), window):
         chunk = perm[start:start + window]

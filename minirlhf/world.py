@@ -15,16 +15,19 @@ accuracy any reward model can reach on them (the Bayes limit) are known exactly.
     gold_reward(p.text, optimal_response(p))   # 1.3, the best any response scores
     gold_terms(p.text, "Paris.")               # the score term by term
 
-Task families (each a small lookup table a 0.8M-parameter GPT learns in minutes on a CPU):
+Task families. Each must be learnable in minutes on a CPU by the SFT model *and* checkable by a
+reward model of the same size, so four of the five are rules an answer can be checked against
+the prompt with (measured on an earlier world: a reward model told right from wrong only 0.5–0.6
+of the time on pure lookup tables — opposites, letter counts, sums — but 0.8 on "larger"):
     capital   24 countries with one-word capitals   "The capital of France is Paris."
-    opposite  24 word pairs, one direction          "The opposite of hot is cold."
-    letters   30 words of 2–9 letters               "The word apple has 5 letters."
-    add       a + b for digits 0..9                  "3 plus 4 is 7."
-    larger    a vs b, distinct digits 1..9           "7 is larger than 3."
+    larger    a vs b, distinct digits 1..9          "7 is larger than 3."
+    smaller   a vs b, distinct digits 1..9          "3 is smaller than 7."
+    after     the successor of 0..8 and 10..18      "8 comes after 7."
+    copy      repeat one of 30 words                "You said apple."
 A prompt is (family, entity, template). The seed only decides the splits: train/val/test are
 disjoint prompt *strings*, and every entity keeps at least one template in train, so held-out
 prompts test template generalisation, not unseen facts. Held out per family: at most half its
-prompts, test ≤ 40 and val ≤ 20 (capital, opposite: 24/12; letters 30/15; add, larger 40/20).
+prompts, test ≤ 40 and val ≤ 20.
 
 A response is sentences separated by single spaces (see `parse`). The gold judge, term by term:
     correct answer sentence ("The capital of France is Paris.")        +1.0
@@ -58,12 +61,11 @@ Demonstrators (the SFT data writers), drawn per example with these shares:
     rambler    0.25   0.40   opener + filler + answer + closing; 30% of the time one
                              explanation before the closing, 15% two; 25% the filler or
                              the answer said twice
-Wrong answers are plausible: another capital or antonym from the table, a count or sum off by
-one, the smaller number named as larger. Measured by `stats` (seed 0, 50 demonstrations per test
-prompt; gold / accuracy): concise 0.744 / 0.848, polite 0.898 / 0.798, explainer 1.003 / 0.803,
-teacher 1.199 / 0.899, rambler 0.568 / 0.602; the mixture 0.800 / 0.766, so a wrong-answer rate
-of 0.234 (expected 0.230), against an optimum of 1.300. Bayes accuracy of BT labels (T = 0.25) on
-pairs of two independent demonstrations: 0.769.
+Wrong answers are plausible: another capital from the table, the other number named as larger
+(or smaller), a successor off by one, a misheard word. Measured by `stats` (seed 0, 50
+demonstrations per test prompt): the mixture scores gold 0.803 with accuracy 0.769 (wrong rate
+0.231, expected 0.230), against an optimum of 1.300. Bayes accuracy of BT labels (T = 0.25) on
+pairs of two independent demonstrations: 0.773.
 
 Left out on purpose: multi-turn chat, facts the model never saw in training, paraphrased answer
 sentences (the grammar is exact, so the judge is exact). `evaluate(policy, tokenizer, prompts)` samples and judges a
@@ -141,29 +143,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            _words_re(CAPITALS.values()),
            ("It is where the government sits.", "I know this from geography.",
             "Every country has one capital.")),
-    Family("opposite", {(w,): v for w, v in OPPOSITES.items()},
-           ("What is the opposite of {x}?", "Give the opposite of the word {x}.",
-            "What word means the opposite of {x}?"),
-           "The opposite of {x} is {v}.",
-           re.compile(r"The opposite of (?P<x>[a-z]+) is (?P<v>[a-z]+)\."),
-           _words_re(list(OPPOSITES) + list(OPPOSITES.values())),
-           ("They mean the reverse of each other.", "One word undoes the other.",
-            "I thought of a word with the reverse meaning.")),
-    Family("letters", {(w,): str(len(w)) for w in WORDS},
-           ("How many letters are in the word {x}?", "Count the letters in the word {x}.",
-            "How long is the word {x} in letters?"),
-           "The word {x} has {v} letters.",
-           re.compile(r"The word (?P<x>[a-z]+) has (?P<v>[0-9]+) letters\."),
-           DIGITS_BARE,
-           ("I counted each letter.", "I spelled the word out one letter at a time.",
-            "Every letter counts once.")),
-    Family("add", {(str(a), str(b)): str(a + b) for a in range(10) for b in range(10)},
-           ("What is {a} plus {b}?", "Add {a} and {b}."),
-           "{a} plus {b} is {v}.",
-           re.compile(r"(?P<a>[0-9]+) plus (?P<b>[0-9]+) is (?P<v>[0-9]+)\."),
-           DIGITS_BARE,
-           ("I added the two numbers.", "I counted up from the first number.",
-            "Adding means putting the amounts together.")),
     Family("larger", {(str(a), str(b)): str(max(a, b))
                       for a in range(1, 10) for b in range(1, 10) if a != b},
            ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"),
@@ -172,6 +151,29 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            DIGITS_BARE,
            ("I compared the two numbers.", "It comes later when counting.",
             "The larger number is the one further along.")),
+    Family("smaller", {(str(a), str(b)): str(min(a, b))
+                       for a in range(1, 10) for b in range(1, 10) if a != b},
+           ("Which is smaller, {a} or {b}?", "Which number is less: {a} or {b}?"),
+           "{v} is smaller than {w}.",
+           re.compile(r"(?P<v>[0-9]+) is smaller than (?P<w>[0-9]+)\."),
+           DIGITS_BARE,
+           ("I compared the two numbers.", "It comes earlier when counting.",
+            "The smaller number is the one closer to zero.")),
+    Family("after", {(str(n),): str(n + 1) for n in [*range(0, 9), *range(10, 19)]},
+           ("What number comes after {x}?", "Which number follows {x}?",
+            "What comes next after {x}?"),
+           "{v} comes after {x}.",
+           re.compile(r"(?P<v>[0-9]+) comes after (?P<x>[0-9]+)\."),
+           DIGITS_BARE,
+           ("I counted up by one.", "Counting goes one number at a time.",
+            "The next number is one more.")),
+    Family("copy", {(w,): w for w in WORDS},
+           ("Repeat after me: {x}.", "Say the word {x}.", "Please say {x} back to me."),
+           "You said {v}.",
+           re.compile(r"You said (?P<v>[a-z]+)\."),
+           _words_re(WORDS),
+           ("I repeated your word.", "It is the word you gave me.",
+            "I said it back exactly.")),
 ]}
 
 
@@ -253,8 +255,10 @@ def _classify(p: Prompt, s: str) -> tuple[str, str | None]:
             same = g["x"] == p.entity[0]
         elif "a" in g:
             same = (g["a"], g["b"]) == p.entity
-        else:  # larger: "{v} is larger than {w}." must name exactly the two numbers asked about
+        elif "w" in g:  # larger, smaller: "{v} is larger than {w}." must name the two numbers
             same = sorted((g["v"], g["w"])) == sorted(p.entity) and g["v"] != g["w"]
+        else:  # copy: the sentence holds only the value
+            same = True
         return "answer", g["v"] if same else None
     m = fam.bare_re.fullmatch(s)
     if m:
@@ -393,11 +397,13 @@ def wrong_value(prompt: PromptLike, rng: np.random.Generator) -> str:
     p = lookup(prompt)
     if p.family == "capital":
         return _choice(rng, [c for c in CAPITALS.values() if c != p.answer])
-    if p.family == "opposite":
-        return _choice(rng, [w for w in OPPOSITES.values() if w != p.answer])
+    if p.family == "copy":
+        return _choice(rng, [w for w in WORDS if w != p.answer])   # misheard the word
     if p.family == "larger":
         return min(p.entity)                      # names the smaller number as larger
-    n = int(p.answer)                             # letters, add: off by one (never negative)
+    if p.family == "smaller":
+        return max(p.entity)                      # names the larger number as smaller
+    n = int(p.answer)                             # after, add: off by one (never negative)
     return str(n + 1) if n == 0 or rng.random() < 0.5 else str(n - 1)
 
 

@@ -126,7 +126,7 @@ def test_within_each_demonstrator_every_correct_demo_beats_every_wrong_one():
     ("The capital of Spain is Madrid.", True, 0.0),            # answers another question
     ("Sure! It is where the government sits.", True, 0.0),     # no answer: no bonuses
     ("The capital of France is Paris. Sure!", True, 0.8),      # a misplaced opener
-    ("The capital of France is Paris. I added the two numbers.", True, 0.5),  # other family
+    ("The capital of France is Paris. I counted up by one.", True, 0.5),  # other family
     ("The capital of France is Paris. It is where the government sits. "
      "I know this from geography.", True, 0.95),               # the second explanation costs 0.25
     ("Sure! Let me think. The capital of France is Paris. I hope this helps.", True, 1.0),
@@ -157,21 +157,21 @@ def test_parse_kinds_and_prompt_lookup():
 # ----- Bradley–Terry labels and the Bayes limit
 
 def test_equal_rewards_give_one_half():
-    p = "Add 2 and 3."
-    a, b = "Sure! 2 plus 3 is 5.", "Of course! 2 plus 3 is 5."  # different text, same gold
+    p = "Which number follows 4?"
+    a, b = "Sure! 5 comes after 4.", "Of course! 5 comes after 4."  # different text, same gold
     assert preference_prob(p, a, b) == 0.5
     assert preference_prob(p, a, a) == 0.5
 
 
 @pytest.mark.parametrize("b, ended_b", [
-    ("Of course! 2 plus 3 is 5.", True),          # Δ = 0.2
-    ("2 plus 3 is 5.", True),                     # Δ = 0.3
-    ("Sure! 2 plus 3 is 5.", False),              # Δ = 0.5
-    ("2 plus 3 is 6.", True),                     # Δ = 1.3
+    ("Of course! 5 comes after 4.", True),          # Δ = 0.2
+    ("5 comes after 4.", True),                     # Δ = 0.3
+    ("Sure! 5 comes after 4.", False),              # Δ = 0.5
+    ("6 comes after 4.", True),                     # Δ = 1.3
 ])
 def test_label_rate_matches_bradley_terry(b, ended_b):
     """Empirical P(a chosen) over many draws is σ(Δ/T) within 4 standard errors."""
-    p, a = "Add 2 and 3.", "Sure! 2 plus 3 is 5. I added the two numbers."
+    p, a = "Which number follows 4?", "Sure! 5 comes after 4. I counted up by one."
     q = sig((gold_reward(p, a) - gold_reward(p, b, ended_b)) / BT_TEMPERATURE)
     assert preference_prob(p, a, b, True, ended_b) == pytest.approx(q)
     rng, n = np.random.default_rng(1), 4000
@@ -212,7 +212,7 @@ def test_splits_disjoint_complete_and_every_entity_trained(seed):
     for name in FAMILIES:
         n_test = sum(p.family == name for p in w.test_prompts)
         n_val = sum(p.family == name for p in w.val_prompts)
-        assert 20 <= n_test <= 40 and 10 <= n_val <= 20, (name, n_test, n_val)
+        assert 15 <= n_test <= 40 and 5 <= n_val <= 20, (name, n_test, n_val)
 
 
 def test_generation_is_deterministic_for_a_seed():
