@@ -2,7 +2,7 @@
 
     python train_sft.py                                   # built-in world, ~2.5 min on 2 CPU cores
     python train_sft.py --data my_sft.jsonl --init out/sft --out out/sft2
-    python train_sft.py --explain out/sft "What is 3 plus 4?" "3 plus 4 is 7."
+    python train_sft.py --explain out/sft "Which is larger, 3 or 8?" "8 is larger than 3."
     python train_sft.py --resume                          # continue a stopped run
 
 The loss is masked next-token cross-entropy: the model reads prompt and response but is trained

@@ -5,7 +5,7 @@
     python -m minirlhf.chat out/sft --prompt "What is 3 plus 4?"    # one answer, then exit
     python -m minirlhf.chat --compare out/sft out/ppo out/dpo       # every stage, one line each
     python -m minirlhf.chat out/ppo --greedy --max-new-tokens 32
-    echo "What is the opposite of hot?" | python -m minirlhf.chat out/dpo
+    echo "What is the capital of Norway?" | python -m minirlhf.chat out/dpo
 
 A stage is a folder written by a training script (checkpoint.pt + tokenizer), loaded with
 `minirlhf.checkpoint.load_stage(path, "gpt")`; the reward model's folder holds no language model

@@ -97,7 +97,7 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
     ax.set_xlabel("KL to the SFT model (nats per response)")
     ax.set_ylabel("gold score (test prompts, T = 1)")
     ax.set_title("Gold score vs KL", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
