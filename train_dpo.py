@@ -39,7 +39,7 @@ from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
                                make_optimizer, pad_batch, set_lr, start_run, write_json)
-from minirlhf.world import World, evaluate
+from minirlhf.world import World, final_evaluation
 
 
 def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor,
@@ -294,13 +294,8 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         ref_test = precompute_reference(ref, test_pairs, tok, device)
         result["test_pairs"] = evaluate_pairs(policy, test_pairs, ref_test, tok, cfg, device)
         print(f"test pairs: implicit-reward accuracy {result['test_pairs']['accuracy']:.3f}")
-    for name, temp in (("sampled", 1.0), ("greedy", 0.0)):
-        result[name] = evaluate(policy, tok, world.test_prompts, ref=ref if temp == 1.0 else None,
-                                temperature=temp, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                    repeats=4 if temp > 0 else 1)
-        r = result[name]
-        print(f"test ({name}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | length "
-              f"{r['length']:.1f} | ended {r['ended']:.3f}" + (f" | kl {r['kl']:.2f}" if "kl" in r else ""))
+    result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
+                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 

@@ -48,7 +48,7 @@ from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, make_optimizer,
                                read_metrics, set_lr, start_run, write_json)
-from minirlhf.world import World, correct, evaluate, gold_reward, lookup
+from minirlhf.world import World, correct, evaluate, gold_reward, lookup, final_evaluation
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -424,14 +424,8 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     result["phase_seconds"] = {p: float(np.median([r[f"time_{p}"] for r in train_rows]))
                                for p in ("generate", "score", "update")}
     if not cfg.prompts:
-        for name, temp in (("sampled", 1.0), ("greedy", 0.0)):
-            result[name] = evaluate(policy, tok, world.test_prompts, ref=ref if temp == 1.0 else None,
-                                    temperature=temp, max_new_tokens=cfg.max_new_tokens,
-                                    seed=cfg.seed, repeats=4 if temp > 0 else 1)
-            r = result[name]
-            print(f"test ({name}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | length "
-                  f"{r['length']:.1f} | ended {r['ended']:.3f}"
-                  + (f" | kl {r['kl']:.2f}" if "kl" in r else ""))
+        result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
         # the proxy on held-out prompts: what the reward model thinks of the final policy
         result["test_proxy"] = reward_on(policy, reward_model, tok, world.test_prompts, cfg, device)
         print(f"test proxy reward (RM) {result['test_proxy']:+.3f} | median phase seconds "

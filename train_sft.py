@@ -41,7 +41,7 @@ from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
                                make_optimizer, pad_batch, set_lr, start_run, write_json)
-from minirlhf.world import World, evaluate, world_tokenizer
+from minirlhf.world import World, evaluate, final_evaluation, world_tokenizer
 
 
 def sft_loss(logits: torch.Tensor, tokens: torch.Tensor,
@@ -269,13 +269,8 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     result = {"train_seconds": train_seconds}
     if cfg.data is None:
         model.eval()
-        for name, temp in (("sampled", cfg.eval_temperature), ("greedy", 0.0)):
-            result[name] = evaluate(model, tok, world.test_prompts, temperature=temp,
-                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                    repeats=4 if temp > 0 else 1)
-            r = result[name]
-            print(f"test ({name}, T={temp}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | "
-                  f"length {r['length']:.1f} | ended {r['ended']:.3f} | optimum {r['optimum']:.2f}")
+        result.update(final_evaluation(model, tok, world.test_prompts, temperature=cfg.eval_temperature,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
         write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 

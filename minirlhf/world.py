@@ -603,6 +603,23 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
     return out
 
 
+def final_evaluation(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
+                temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+                repeats: int = 4) -> dict:
+    """The final evaluation every stage prints: `repeats` samples per prompt at `temperature`
+    (KL to `ref` included) and greedy decoding. Returns {"sampled": {...}, "greedy": {...}}."""
+    out = {}
+    for name, temp in (("sampled", temperature), ("greedy", 0.0)):
+        r = evaluate(policy, tokenizer, prompts, ref=ref if temp == 1.0 else None,
+                     temperature=temp, max_new_tokens=max_new_tokens, seed=seed,
+                     repeats=repeats if temp > 0 else 1)
+        print(f"test ({name}, T={temp:g}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | "
+              f"length {r['length']:.1f} | ended {r['ended']:.3f} | optimum {r['optimum']:.2f}"
+              + (f" | kl {r['kl']:.2f}" if "kl" in r else ""), flush=True)
+        out[name] = r
+    return out
+
+
 def stats(seed: int = 0, per_prompt: int = 50) -> dict:
     """Demonstrator numbers on the test prompts (the ones we report), per style and overall."""
     world, rng = World(seed), np.random.default_rng(seed)
