@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, rng_state, save_stage, set_rng_state)
-from minirlhf.config import parse_config
+from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prefs
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.masking import masked_sum, token_logprobs
@@ -130,7 +130,7 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO, ipo = squared loss toward 1/(2β)
     label_smoothing: float = 0.0      # ε of conservative DPO (labels flipped with prob. ε)
     # optimisation
-    max_steps: int = 200              # optimizer steps
+    max_steps: int = 300              # optimizer steps
     batch_size: int = 64              # pairs per step
     lr: float = 1e-4                  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1         # cosine decays to lr * this
@@ -142,9 +142,11 @@ class DPOConfig:
     max_new_tokens: int = 48          # response budget for the final gold evaluation
 
     def check(self):
-        for name in ("max_steps", "batch_size", "eval_every", "ckpt_every", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        check_ranges(self, positive=("max_steps", "batch_size", "eval_every", "ckpt_every",
+                                     "max_new_tokens", "grad_clip"),
+                     non_negative=("warmup", "weight_decay"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--min-lr-ratio must be in [0, 1]")
         if self.beta <= 0 or self.lr <= 0:
             raise ValueError("--beta and --lr must be positive")
         if not 0 <= self.label_smoothing < 0.5:
@@ -267,7 +269,7 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
                                cfg.label_smoothing, cfg.loss_type)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        check_finite(step, loss=loss, grad_norm=grad_norm)
+        check_finite(step + 1, loss=loss, grad_norm=grad_norm)  # numbered as the log numbers it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

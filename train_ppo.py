@@ -37,18 +37,21 @@ from tqdm import tqdm
 
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, rng_state, save_stage, set_rng_state)
-from minirlhf.config import parse_config
+from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prompts
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy, token_logprobs
 from minirlhf.model import ScalarHeadModel
 from minirlhf.rl import (AdaptiveKLController, FixedKLController, gae, group_baseline_advantages,
-                         kl_k1, kl_k3)
+                         kl_k1)
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, make_optimizer,
                                read_metrics, set_lr, start_run, write_json)
 from minirlhf.world import World, correct, evaluate, gold_reward, lookup, final_evaluation
+
+
+LOG_RATIO_BOUND = 20.0  # |log π_θ/π_θold| is clamped here inside policy_loss
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -67,8 +70,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     favours, the clipped term wins the min and the token's gradient is exactly 0 (ch. 4 table).
     Stats: approx_kl is Schulman's k3 estimate of KL(π_θold‖π_θ) from the old policy's samples,
     (r − 1) − log r; clipfrac the fraction of tokens with |r − 1| > ε; ratio the mean r_t.
+    All use log r clamped to ±LOG_RATIO_BOUND, which keeps loss and stats finite (see below).
     """
-    log_ratio = logp - old_logp  # (B, T)
+    # The log-ratio is clamped to ±LOG_RATIO_BOUND: exp overflows float32 past 88, and a ratio
+    # beyond e^±20 only arises when rollout and update disagree completely. Within the bound
+    # nothing changes. Beyond it the token's gradient is 0, as clipping already makes it for
+    # A > 0, r > 1+ε; where the unclipped term was active (A < 0 with r > e^20, A > 0 with
+    # r < e^−20) that gradient is lost.
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # (B, T)
     ratio = log_ratio.exp()  # (B, T) r_t(θ), lecture ch. 4
     surr_unclipped = ratio * advantages  # (B, T) r_t·A_t, L^CPI
     surr_clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages  # (B, T) clip(r_t)·A_t
@@ -77,7 +86,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),
-            "approx_kl": masked_mean(kl_k3(old_logp, logp), mask),  # k3 with ratio π_θ/π_θold
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3: (r − 1) − log r
             "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
             "ratio": masked_mean(ratio, mask),
         }
@@ -214,10 +223,12 @@ class PPOConfig:
     ckpt_every: int = 20              # iterations between checkpoints (and at the end)
 
     def check(self):
-        for name in ("iterations", "prompts_per_iter", "samples_per_prompt", "max_new_tokens",
-                     "epochs", "minibatch_size", "eval_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        check_ranges(self, positive=("iterations", "prompts_per_iter", "samples_per_prompt",
+                                     "max_new_tokens", "epochs", "minibatch_size", "eval_every",
+                                     "ckpt_every", "target_kl", "kl_horizon", "grad_clip"),
+                     non_negative=("warmup", "vf_coef", "ent_coef"))
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError("--value-clip must be positive (or none)")
         if self.advantage == "group" and self.samples_per_prompt < 2:
             raise ValueError("--advantage group needs --samples-per-prompt of at least 2")
         if self.kl_coef < 0 or self.lr <= 0 or self.value_lr <= 0 or self.temperature <= 0:
@@ -260,10 +271,16 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     for frozen in (ref, reward_model):
         frozen.eval().requires_grad_(False)
     use_critic = cfg.advantage != "group"
+    if cfg.max_new_tokens >= policy.config.block_size:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
+                         f"the model's block size {policy.config.block_size}")
     if cfg.prompts:
         prompt_texts = [r["prompt"] for r in read_prompts(cfg.prompts, tok, policy.config.block_size - cfg.max_new_tokens)]
     else:
         prompt_texts = [p.text for p in world.train_prompts]
+    if cfg.prompts_per_iter > len(prompt_texts):
+        raise ValueError(f"--prompts-per-iter {cfg.prompts_per_iter} is more than the "
+                         f"{len(prompt_texts)} prompts to draw from")
     if max(len(tok.render_prompt(p)) for p in prompt_texts) + cfg.max_new_tokens > policy.config.block_size:
         raise ValueError("--max-new-tokens plus the longest prompt exceeds the model's block size")
 
@@ -299,7 +316,7 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     while it < cfg.iterations:
         beta = kl_ctl.kl_coef
         for opt, lr in ((policy_opt, cfg.lr), (value_opt, cfg.value_lr)):
-            set_lr(opt, lr * min(1.0, (it + 1) / cfg.warmup))
+            set_lr(opt, lr * min(1.0, (it + 1) / max(1, cfg.warmup)))
 
         # ============ 1. rollout (no grad): generate, then score with the four models ============
         t0 = time.time()
@@ -328,6 +345,7 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
         # ============ 2. advantages: per-token reward −β·KL, plus r_φ at the last token ============
         kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)  # (B, T-1) log π_θ − log π_ref, ch. 5
         kl_per_response = kl.sum(-1)                                                # (B,)
+        check_finite(it + 1, proxy_reward=proxy.mean(), kl=kl_per_response.mean())  # name the cause
         value_mask = mask
         if cfg.advantage == "gae":
             rewards = -beta * kl                                                    # (B, T-1)
@@ -365,15 +383,15 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
                 loss, stats = ppo_loss(logp, old_logp[mb], advantages[mb], values, old_values[mb],
                                        returns[mb], mask[mb], entropy, cfg.clip_eps, cfg.vf_coef,
                                        cfg.ent_coef, cfg.value_clip, value_mask[mb])
-                check_finite(it, loss=loss)
+                check_finite(it + 1, loss=loss)  # it + 1: the iteration as the log numbers it
                 loss.backward()
                 pg_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                check_finite(it, policy_grad_norm=pg_norm)
+                check_finite(it + 1, policy_grad_norm=pg_norm)
                 policy_opt.step()
                 policy_opt.zero_grad(set_to_none=True)
                 if use_critic:
                     v_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
-                    check_finite(it, value_grad_norm=v_norm)
+                    check_finite(it + 1, value_grad_norm=v_norm)
                     value_opt.step()
                     value_opt.zero_grad(set_to_none=True)
                 for name, v in stats.items():
@@ -395,7 +413,6 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
                "ended": gen.ended.float().mean().item(),
                **{n: float(np.mean(v)) for n, v in agg.items()},
                "time_generate": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
-        check_finite(it, proxy_reward=row["proxy"], kl=row["kl"])
         log.write(it, split="train", **row)
         print(f"iter {it:4d} | rm {row['proxy']:+.3f} | gold {row['gold'] or 0:+.3f} | "
               f"acc {row['accuracy'] or 0:.2f} | kl {row['kl']:6.2f} | β {beta:.3f} | "

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, model_from_checkpoint, rng_state, save_checkpoint,
                                  save_stage, set_rng_state)
-from minirlhf.config import parse_config
+from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prefs, write_jsonl
 from minirlhf.device import autocast
 from minirlhf.model import ScalarHeadModel
@@ -84,6 +84,10 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[torch
 # the SFT policy and let the world's noisy Bradley–Terry labeller pick one.
 # ----------------------------------------------------------------------------------------------
 
+class PairsError(RuntimeError):
+    """The policy could not write enough usable pairs (it rarely ends its responses)."""
+
+
 def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float = 1.0,
                max_new_tokens: int = 32, k: int = 2, batch_size: int = 512) -> list[dict]:
     """`n_pairs` {"prompt", "chosen", "rejected"} rows, cycling through `prompts`.
@@ -103,8 +107,9 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
     while len(rows) < n_pairs:
         tries += 1
         if tries > 100:
-            raise RuntimeError(f"could not make {n_pairs} distinct ended pairs "
-                               f"(made {len(rows)}): is the policy ending its responses?")
+            raise PairsError(f"could not make {n_pairs} distinct ended pairs (made {len(rows)}): "
+                             f"does the policy end its responses within --max-new-tokens "
+                             f"{max_new_tokens}?")
         chunk = [order[(cursor + i) % len(order)] for i in range(max(1, batch_size // k))]
         cursor += len(chunk)
         group = [p for p in chunk for _ in range(k)]  # k samples per prompt, side by side
@@ -162,14 +167,14 @@ class RMConfig:
     seed: int = 0                     # seeds pair sampling, labels, data order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
     # pairs
-    n_pairs: int = 8000               # training pairs to sample
+    n_pairs: int = 16000              # training pairs to sample
     n_val_pairs: int = 400            # validation pairs (from validation prompts)
     n_test_pairs: int = 800           # test pairs (from test prompts)
-    responses_per_prompt: int = 4     # k responses per training prompt, all k(k-1)/2 pairs labelled
+    responses_per_prompt: int = 8     # k responses per training prompt, all k(k-1)/2 pairs labelled
     pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
     max_new_tokens: int = 64          # response budget when sampling pairs
     # optimisation
-    max_steps: int = 600              # optimizer steps (early stopping may end sooner)
+    max_steps: int = 900              # optimizer steps (early stopping may end sooner)
     batch_size: int = 64              # pairs per step
     lr: float = 5e-4                  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1         # cosine decays to lr * this
@@ -181,12 +186,12 @@ class RMConfig:
     normalize: bool = True            # shift rewards so the SFT policy's responses average 0
 
     def check(self):
-        for name in ("n_pairs", "max_steps", "batch_size", "eval_every", "patience",
-                     "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError("--lr and --grad-clip must be positive")
+        check_ranges(self, positive=("n_pairs", "n_val_pairs", "n_test_pairs", "max_steps",
+                                     "batch_size", "eval_every", "patience", "max_new_tokens",
+                                     "lr", "grad_clip", "pair_temperature"),
+                     non_negative=("warmup", "weight_decay"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--min-lr-ratio must be in [0, 1]")
         if self.responses_per_prompt < 2:
             raise ValueError("--responses-per-prompt must be at least 2")
         if self.pairs_only and not self.make_pairs:
@@ -312,8 +317,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, n))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None, leave=False)
-    stopped_early = False
-    while step < cfg.max_steps:
+    stopped_early = bad_evals >= cfg.patience  # resumed after early stopping: train no further
+    while step < cfg.max_steps and not stopped_early:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         epoch, k = divmod(step, len(batches_of(0)))
@@ -322,7 +327,7 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         loss, stats = reward_loss(r_chosen, r_rejected)  # −log σ(r_w − r_l), lecture ch. 6
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
-        check_finite(step, loss=loss, grad_norm=grad_norm)
+        check_finite(step + 1, loss=loss, grad_norm=grad_norm)  # numbered as the log numbers it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -398,7 +403,7 @@ def main(argv=None):
     cfg = parse_config(RMConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError, PairsError) as e:
         fail(prog, str(e))
 
 

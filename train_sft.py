@@ -33,7 +33,7 @@ from tqdm import tqdm
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, load_tokenizer_for, model_from_checkpoint, rng_state,
                                  save_stage, set_rng_state)
-from minirlhf.config import parse_config
+from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.masking import masked_mean, token_logprobs
@@ -120,12 +120,15 @@ class SFTConfig:
     eval_temperature: float = 1.0     # final evaluation samples at this temperature (and greedy)
 
     def check(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every",
-                     "ckpt_every", "n_examples", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError("--lr and --grad-clip must be positive")
+        check_ranges(self, positive=("max_steps", "batch_size", "grad_accum", "log_every",
+                                     "eval_every", "ckpt_every", "n_examples", "max_new_tokens",
+                                     "n_layer", "n_head", "n_embd", "block_size", "lr",
+                                     "grad_clip"),
+                     non_negative=("warmup", "weight_decay", "n_show", "eval_temperature"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--min-lr-ratio must be in [0, 1]")
+        if self.vocab_size < 256:
+            raise ValueError("--vocab-size must be at least 256 (the byte tokens)")
         if self.n_embd % self.n_head:
             raise ValueError("--n-embd must be divisible by --n-head")
 
@@ -148,8 +151,8 @@ def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
     train, val = encode(train), encode(val)
     too_long = max(len(ids) for ids, _ in train + val)
     if too_long > cfg.block_size:
-        raise DataError(f"a world example has {too_long} tokens, over --block-size "
-                        f"{cfg.block_size}")
+        raise DataError("the built-in world", f"an example has {too_long} tokens, over "
+                                              f"--block-size {cfg.block_size}")
     return train, val
 
 
@@ -242,7 +245,8 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
             acc_sum += stats["accuracy"].item() * share
             tokens_seen += int(attn_mask.sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        check_finite(step, loss=loss_sum, grad_norm=grad_norm)  # before the step: no bad update
+        # before the update, named as the log will name it (step + 1): no bad update is taken
+        check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -8,8 +8,10 @@
     cfg = parse_config(SFTConfig, argv, prog="train_sft.py")   # --lr 1e-3 --device cpu
 
 Every field becomes `--field-name` (underscores -> dashes); bools become `--flag / --no-flag`;
-`Literal[...]` fields list their choices; `X | None` fields accept `none`. A config class may define
-`check(self)` raising ValueError for values that parse but make no sense (a negative learning rate).
+`Literal[...]` fields list their choices; `X | None` fields accept `none`; float fields refuse nan
+and ±inf (no setting here means anything there). A config class may define `check(self)` raising
+ValueError for values that parse but make no sense (a negative learning rate); `check_ranges`
+words the common cases.
 Unknown flags, unparsable values and failed checks print one line `prog: error: ...` and exit 2 —
 never a traceback. No config files or frameworks on purpose: the dataclass is the whole story.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import types
@@ -47,6 +50,16 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not finite")
+    return value
+
+
+finite_float.__name__ = "finite float"  # argparse says "invalid finite float value: 'nan'"
+
+
 def _parser_for(type_):
     """A string -> value converter and choices for one field type."""
     origin = typing.get_origin(type_)
@@ -61,7 +74,9 @@ def _parser_for(type_):
             return None if s.lower() == "none" else base(s)
         optional.__name__ = getattr(base, "__name__", "value")
         return optional, choices
-    if type_ in (int, float, str):
+    if type_ is float:
+        return finite_float, None
+    if type_ in (int, str):
         return type_, None
     raise TypeError(f"config fields must be int, float, str, bool, Literal or X | None, "
                     f"not {type_}")
@@ -96,6 +111,18 @@ def parse_config(cls, argv=None, prog: str | None = None, description: str = "",
     cfg = cls(**{k: v for k, v in vars(ns).items() if k in names})
     check_config(cfg, parser.prog)
     return cfg
+
+
+def check_ranges(cfg, positive=(), non_negative=()) -> None:
+    """For a config's check(): ValueError naming the first flag outside its range."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if hasattr(cfg, "seed") and not 0 <= cfg.seed < 2**32:
+        raise ValueError("--seed must be in [0, 2**32)")  # numpy's seeding range
 
 
 def check_config(cfg, prog: str):

@@ -19,7 +19,8 @@ dropped. Extra fields (an id, a source) are ignored, so TRL-style files load unc
 Validation: every line is checked before anything is returned, and the first bad line raises
 `DataError` with a one-line message "path:line: what is wrong" (file-level problems: "path: ...").
 Checked: UTF-8, JSON syntax, an object, each field present, a string, not empty or whitespace
-only; for preferences chosen != rejected; for messages the roles and the last turn. Blank lines
+only, valid Unicode (JSON can escape a lone surrogate, "\ud800", which no text holds);
+for preferences chosen != rejected; for messages the roles and the last turn. Blank lines
 are skipped (editors and `cat a b > c` leave them; they carry no record), but line numbers still
 count them, so a message points at the line an editor shows. A UTF-8 byte-order mark is accepted.
 
@@ -117,6 +118,11 @@ def _string(path: str, lineno: int, obj: dict, key: str, where: str = "") -> str
     v = obj[key]
     if not isinstance(v, str):
         raise DataError(path, f"field '{name}' must be a string, got {_json_type(v)}", lineno)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # the tokenizer would silently turn it into U+FFFD
+        raise DataError(path, f"field '{name}' is not valid Unicode (an unpaired surrogate "
+                              f"\\u{ord(v[e.start]):04x})", lineno) from None
     if not v.strip():
         raise DataError(path, f"field '{name}' is empty" if not v else
                         f"field '{name}' is only whitespace", lineno)
