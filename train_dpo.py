@@ -5,6 +5,7 @@ sampling during training (lecture ch. 8; CS224N notes, "Removing the RL from RLH
     python train_dpo.py --loss-type ipo                             # IPO's squared loss
     python train_dpo.py --label-smoothing 0.1                       # conservative DPO
     python train_dpo.py --resume                                    # continue a stopped run
+    torchrun --standalone --nproc_per_node 4 train_dpo.py           # 4 GPUs (data parallel)
 
 The policy's own log-ratio β·log π_θ/π_ref plays the reward in the Bradley–Terry loss of the
 reward model (train_rm.py), so preference data trains the policy directly. The reference is
@@ -35,6 +36,7 @@ from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, 
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prefs
 from minirlhf.device import autocast, maybe_compile
+from minirlhf.distributed import mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
@@ -117,8 +119,8 @@ def dpo_loss_single_ratio(policy_chosen_logp: torch.Tensor, policy_rejected_logp
 @dataclass
 class DPOConfig:
     out: str = "out/dpo"              # folder for checkpoint.pt, metrics.jsonl, eval.json
-    sft: str = "out/sft"              # SFT stage: the initial policy and the frozen reference π_ref
-    data: str = "out/rm/prefs.jsonl"  # preference JSONL (prompt/chosen/rejected)
+    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the initial policy and frozen π_ref
+    data: str = "out/rm/prefs.jsonl"  # preference JSONL (prompt/chosen/rejected, or HH)
     val_data: str | None = None       # validation pairs (default: prefs_val.jsonl beside --data)
     test_data: str | None = None      # test pairs (default: prefs_test.jsonl beside --data)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
@@ -212,7 +214,8 @@ def sibling(path: str, name: str) -> str:
 
 
 def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
-    device = start_run(cfg, prog)
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device = dist.device
     world = World(cfg.seed)
     ck_path = os.path.join(cfg.out, CHECKPOINT)
     resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
@@ -230,8 +233,8 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     test_pairs = encode_pairs(read_prefs(test_path, tok, block), tok) if os.path.exists(test_path) else None
 
     t_ref = time.time()
-    ref_train = precompute_reference(ref, train_pairs, tok, device)                # (N, 2)
-    ref_val = precompute_reference(ref, val_pairs, tok, device)
+    ref_train = precompute_reference(ref, train_pairs, tok, device, cfg.batch_size)                # (N, 2)
+    ref_val = precompute_reference(ref, val_pairs, tok, device, cfg.batch_size)
     print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs; reference "
           f"log-probs precomputed in {time.time() - t_ref:.1f}s", flush=True)
 
@@ -245,7 +248,9 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         step = resume_ck["step"]
         print(f"resumed from {ck_path} at step {step}")
     fwd = maybe_compile(policy, device, cfg.compile)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None)
+    train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None,
+                     enabled=dist.is_main)
 
     # --- the loop: one policy forward on chosen + rejected, the DPO loss, step ---
     policy.train()
@@ -257,13 +262,15 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, n))
 
     t0 = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="dpo", disable=None, leave=False)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="dpo", disable=None if dist.is_main else True,
+               leave=False)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         epoch, k = divmod(step, len(batches_of(0)))
-        idx = batches_of(epoch)[k].tolist()
-        chosen_logp, rejected_logp = response_logprobs(fwd, [train_pairs[i] for i in idx], tok, device)
+        idx = shard(batches_of(epoch)[k].tolist(), dist)  # this process's share of the batch
+        chosen_logp, rejected_logp = response_logprobs(train_fwd, [train_pairs[i] for i in idx], tok,
+                                                       device)
         ref_chosen, ref_rejected = ref_train[idx].to(device).unbind(1)
         loss, stats = dpo_loss(chosen_logp, rejected_logp, ref_chosen, ref_rejected, cfg.beta,
                                cfg.label_smoothing, cfg.loss_type)
@@ -274,30 +281,36 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val = evaluate_pairs(policy, val_pairs, ref_val, tok, cfg, device)
-            print(f"step {step:5d} | loss {loss.item():.4f} | implicit acc "
-                  f"{stats['accuracy'].item():.3f} | margin {stats['margin'].item():+.3f} | "
-                  f"chosen {stats['chosen_reward'].item():+.3f} | rejected "
-                  f"{stats['rejected_reward'].item():+.3f} | val acc {val['accuracy']:.3f} | "
+            means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # whole batch
+            val = evaluate_pairs(policy, val_pairs, ref_val, tok, cfg, device, cfg.batch_size)
+            print(f"step {step:5d} | loss {means['loss']:.4f} | implicit acc "
+                  f"{means['accuracy']:.3f} | margin {means['margin']:+.3f} | "
+                  f"chosen {means['chosen_reward']:+.3f} | rejected "
+                  f"{means['rejected_reward']:+.3f} | val acc {val['accuracy']:.3f} | "
                   f"val loss {val['loss']:.4f} | lr {lr:.2e}", flush=True)
-            log.write(step, split="train", loss=loss.item(), accuracy=stats["accuracy"].item(),
-                      margin=stats["margin"].item(), chosen_reward=stats["chosen_reward"].item(),
-                      rejected_reward=stats["rejected_reward"].item(), lr=lr)
+            log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
+                      margin=means["margin"], chosen_reward=means["chosen_reward"],
+                      rejected_reward=means["rejected_reward"], lr=lr)
             log.write(step, split="val", **val)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             save_stage(cfg.out, model=policy, model_kind="gpt", config=cfg, tokenizer=tok,
                        step=step, optimizer=optimizer, rng=rng_state())
     bar.close()
     result = {"train_seconds": time.time() - t0, "steps": step}
+    if not dist.is_main:  # rank 0 evaluates and writes eval.json
+        return result
 
     # --- evaluation: implicit-reward accuracy on test pairs; gold score and KL to SFT ---
     if test_pairs:
-        ref_test = precompute_reference(ref, test_pairs, tok, device)
-        result["test_pairs"] = evaluate_pairs(policy, test_pairs, ref_test, tok, cfg, device)
+        ref_test = precompute_reference(ref, test_pairs, tok, device, cfg.batch_size)
+        result["test_pairs"] = evaluate_pairs(policy, test_pairs, ref_test, tok, cfg, device,
+                                             cfg.batch_size)
         print(f"test pairs: implicit-reward accuracy {result['test_pairs']['accuracy']:.3f}")
-    result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
-                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    if tok.kind == "world":  # the gold judge knows the built-in world only (not HH, TL;DR)
+        result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
+                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 

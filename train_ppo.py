@@ -6,6 +6,7 @@ reference (lecture ch. 4 PPO, ch. 5 the KL-penalised objective, ch. 7 the four-m
     python train_ppo.py --advantage bandit                        # the lecture's γ = 0 form
     python train_ppo.py --advantage group                         # critic-free RLOO baseline
     python train_ppo.py --resume                                  # continue a stopped run
+    torchrun --standalone --nproc_per_node 4 train_ppo.py         # 4 GPUs, 1/4 of the prompts each
 
 Four models (lecture ch. 7): the policy π_θ (trainable, starts as the SFT model), the reference
 π_ref (a frozen SFT copy), the reward model r_φ (frozen) and the value model V_ψ (trainable,
@@ -40,6 +41,7 @@ from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, 
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prompts
 from minirlhf.device import autocast, maybe_compile
+from minirlhf.distributed import masked_mean_var, mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy, token_logprobs
 from minirlhf.model import ScalarHeadModel
 from minirlhf.rl import (AdaptiveKLController, FixedKLController, gae, group_baseline_advantages,
@@ -183,7 +185,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
 @dataclass
 class PPOConfig:
     out: str = "out/ppo"              # folder for checkpoint.pt (the policy), metrics, eval.json
-    sft: str = "out/sft"              # SFT stage: the initial policy and the frozen reference
+    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the initial policy and frozen reference
     rm: str = "out/rm"                # reward model stage (frozen)
     prompts: str | None = None        # prompts JSONL to train on; none = the world's train prompts
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
@@ -253,7 +255,8 @@ def state_values(value_model, tokens, attn_mask, device):
 
 
 def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
-    device = start_run(cfg, prog)
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device = dist.device
     world = World(cfg.seed)
     ck_path = os.path.join(cfg.out, CHECKPOINT)
     resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
@@ -301,7 +304,10 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
         it = resume_ck["step"]
         print(f"resumed from {ck_path} at iteration {it}")
     fwd = maybe_compile(policy, device, cfg.compile)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), it if resume_ck else None)
+    # the update's passes; under torchrun DDP: backward averages gradients over processes
+    train_fwd, train_value = wrap(fwd, dist), wrap(value_model, dist)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), it if resume_ck else None,
+                     enabled=dist.is_main)
 
     def save(it):
         save_stage(cfg.out, model=policy, model_kind="gpt", config=cfg, tokenizer=tok, step=it,
@@ -312,7 +318,8 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
 
     k = cfg.samples_per_prompt
     t_start = time.time()
-    bar = tqdm(total=cfg.iterations, initial=it, desc="ppo", disable=None, leave=False)
+    bar = tqdm(total=cfg.iterations, initial=it, desc="ppo", disable=None if dist.is_main else True,
+               leave=False)
     while it < cfg.iterations:
         beta = kl_ctl.kl_coef
         for opt, lr in ((policy_opt, cfg.lr), (value_opt, cfg.value_lr)):
@@ -322,11 +329,13 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, it])
         chosen = rng.choice(len(prompt_texts), size=cfg.prompts_per_iter, replace=False)
+        chosen = shard(chosen, dist)  # this process's share of the prompts (torchrun)
         batch_prompts = [prompt_texts[i] for i in chosen for _ in range(k)]  # prompt-major groups
         policy.eval()
+        sample_seed = (cfg.seed * 100_003 + it) * dist.world_size + dist.rank  # its own samples
         gen = generate(policy, [tok.render_prompt(p) for p in batch_prompts], cfg.max_new_tokens,
                        eos_id=tok.end_id, pad_id=tok.pad_id, temperature=cfg.temperature,
-                       generator=torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + it))
+                       generator=torch.Generator(device=device).manual_seed(sample_seed))
         policy.train()
         tokens, attn_mask = gen.tokens, gen.attn_mask                             # (B, T)
         mask = gen.response_mask[:, 1:]                   # (B, T-1) targets that are response tokens
@@ -366,19 +375,21 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
                 returns = torch.zeros_like(old_values)
                 value_mask = torch.zeros_like(mask)   # no critic to train
             advantages = torch.where(mask, A[:, None].expand_as(old_logp), 0.0)   # (B, T-1)
-        if cfg.whiten:
-            advantages = masked_whiten(advantages, mask)
+        if cfg.whiten:  # with the mean and variance of the whole rollout, every process's
+            advantages = masked_whiten(advantages, mask,
+                                       mean_var=masked_mean_var(advantages, mask, dist))
 
         # ============ 3. update: epochs over shuffled minibatches, L_PPO (lecture ch. 4) ============
         B = tokens.shape[0]
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + it)
         agg = {}
         for epoch in range(cfg.epochs):
-            for mb in torch.randperm(B, generator=g).split(cfg.minibatch_size):
+            # a minibatch of --minibatch-size responses is split over the processes like B
+            for mb in torch.randperm(B, generator=g).split(cfg.minibatch_size // dist.world_size):
                 mb = mb.to(device)
-                logp, entropy = per_token_logprobs(fwd, tokens[mb], attn_mask[mb], device,
+                logp, entropy = per_token_logprobs(train_fwd, tokens[mb], attn_mask[mb], device,
                                                    with_entropy=True)
-                values = (state_values(value_model, tokens[mb], attn_mask[mb], device)
+                values = (state_values(train_value, tokens[mb], attn_mask[mb], device)
                           if use_critic else torch.zeros_like(logp))
                 loss, stats = ppo_loss(logp, old_logp[mb], advantages[mb], values, old_values[mb],
                                        returns[mb], mask[mb], entropy, cfg.clip_eps, cfg.vf_coef,
@@ -399,7 +410,6 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
         t3 = time.time()
         it += 1
         bar.update(1)
-        kl_ctl.update(kl_per_response.mean().item(), B)
 
         # ============ log: proxy reward, KL, PPO diagnostics, and the gold judge on the rollouts ====
         texts = [tok.decode(ids) for ids in gen.responses()]
@@ -413,13 +423,17 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
                "ended": gen.ended.float().mean().item(),
                **{n: float(np.mean(v)) for n, v in agg.items()},
                "time_generate": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
+        row = mean_over_ranks(row, dist)  # the whole rollout's means (each process: B responses)
+        kl_ctl.update(row["kl"], B * dist.world_size)
         log.write(it, split="train", **row)
-        print(f"iter {it:4d} | rm {row['proxy']:+.3f} | gold {row['gold'] or 0:+.3f} | "
-              f"acc {row['accuracy'] or 0:.2f} | kl {row['kl']:6.2f} | β {beta:.3f} | "
+        judged = (f"gold {row['gold']:+.3f} | acc {row['accuracy']:.2f}" if row["gold"] is not None
+                  else "gold n/a (not the built-in world)")
+        print(f"iter {it:4d} | rm {row['proxy']:+.3f} | {judged} | kl {row['kl']:6.2f} | β {beta:.3f} | "
               f"approx_kl {row['approx_kl']:.4f} | clipfrac {row['clipfrac']:.3f} | "
               f"entropy {row['entropy']:.3f} | vf {row['value_loss']:.4f} | "
               f"ev {row['explained_variance']:+.2f} | len {row['length']:4.1f} | "
               f"{t1 - t0:.2f}/{t2 - t1:.2f}/{t3 - t2:.2f}s", flush=True)
+        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
         if not cfg.prompts and (it % cfg.eval_every == 0 or it == cfg.iterations):
             ev = evaluate(policy, tok, world.val_prompts, ref=ref, max_new_tokens=cfg.max_new_tokens,
                           seed=cfg.seed + 7)
@@ -427,10 +441,12 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
                       length=ev["length"])
             print(f"iter {it:4d} | held-out: gold {ev['gold']:+.3f} | accuracy "
                   f"{ev['accuracy']:.3f} | kl {ev['kl']:.2f}", flush=True)
-        if it % cfg.ckpt_every == 0 or it == cfg.iterations:
+        if dist.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iterations):
             save(it)
     bar.close()
     seconds = time.time() - t_start
+    if not dist.is_main:  # rank 0 evaluates and writes eval.json
+        return {"train_seconds": seconds, "iterations": it}
 
     # --- final evaluation on the test prompts: sampled (T = 1) and greedy, with KL to SFT ---
     result = {"train_seconds": seconds, "iterations": it}

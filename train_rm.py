@@ -4,6 +4,7 @@
     python train_rm.py --make-pairs --pairs-only    # only write OUT/prefs*.jsonl
     python train_rm.py --data my_prefs.jsonl        # train on your own preference JSONL
     python train_rm.py --resume                     # continue a stopped run
+    torchrun --standalone --nproc_per_node 4 train_rm.py --make-pairs   # 4 GPUs
 
 Stage two of the pipeline (lecture ch. 7). Preference data is made the lecture's way: for each
 training prompt the SFT policy writes two responses and a labeller picks one — here the world's
@@ -38,6 +39,7 @@ from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, 
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prefs, write_jsonl
 from minirlhf.device import autocast
+from minirlhf.distributed import barrier, broadcast, mean_over_ranks, shard, wrap
 from minirlhf.model import ScalarHeadModel
 from minirlhf.report import plot_calibration
 from minirlhf.sampler import generate
@@ -156,7 +158,7 @@ def make_pairs_main(cfg, device) -> dict:
 @dataclass
 class RMConfig:
     out: str = "out/rm"               # folder for checkpoint.pt, prefs*.jsonl, metrics, eval.json
-    sft: str = "out/sft"              # SFT stage folder: the reward model's trunk starts there
+    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the reward model's trunk starts there
     make_pairs: bool = False          # sample preference pairs from --policy first (then train)
     pairs_only: bool = False          # with --make-pairs: write the pairs and stop
     policy: str | None = None         # policy that writes the pairs (default: --sft)
@@ -210,11 +212,12 @@ def pair_batch(pairs, tok, device):
     return tokens, attn_mask
 
 
-def score_pairs(rm, pairs, tok, device):
-    """(r_chosen (B,), r_rejected (B,)): each reward read at the last real token (ch. 6)."""
+def score_pairs(score, pairs, tok, device):
+    """(r_chosen (B,), r_rejected (B,)): each reward read at the last real token (ch. 6).
+    score: the reward model's `score`, or what `distributed.wrap(rm, dist, "score")` returns."""
     tokens, attn_mask = pair_batch(pairs, tok, device)
     with autocast(device):
-        r = rm.score(tokens, attn_mask).float()                                    # (2B,)
+        r = score(tokens, attn_mask).float()                                       # (2B,)
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -223,7 +226,7 @@ def evaluate_pairs(rm, pairs, tok, device, batch_size=256) -> dict:
     rm.eval()
     rc, rr = [], []
     for i in range(0, len(pairs), batch_size):
-        c, r = score_pairs(rm, pairs[i:i + batch_size], tok, device)
+        c, r = score_pairs(rm.score, pairs[i:i + batch_size], tok, device)
         rc.append(c)
         rr.append(r)
     rm.train()
@@ -255,12 +258,15 @@ def read_pairs(path, tok, block_size):
 
 
 def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
-    device = start_run(cfg, prog)
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device = dist.device
     result = {}
     if cfg.make_pairs:
         policy_cfg = copy.copy(cfg)
         policy_cfg.policy = cfg.policy or cfg.sft
-        result["make_pairs"] = make_pairs_main(policy_cfg, device)
+        if dist.is_main:  # one process writes the pairs, the same as alone; the others wait
+            result["make_pairs"] = make_pairs_main(policy_cfg, device)
+        barrier(dist)
         if cfg.pairs_only:
             return result
     t0 = time.time()
@@ -295,7 +301,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         step = resume_ck["step"]
         best, bad_evals = resume_ck["extra"]["best_val_loss"], resume_ck["extra"]["bad_evals"]
         print(f"resumed from {ck_path} at step {step}")
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None,
+                     enabled=dist.is_main)
     best_path = os.path.join(cfg.out, "best.pt")
 
     def save(step, path=ck_path, **extra):
@@ -316,14 +323,16 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     def batches_of(epoch):
         return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, n))
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None, leave=False)
+    train_score = wrap(rm, dist, "score")  # under torchrun DDP: backward averages gradients
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None if dist.is_main else True,
+               leave=False)
     stopped_early = bad_evals >= cfg.patience  # resumed after early stopping: train no further
     while step < cfg.max_steps and not stopped_early:
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         epoch, k = divmod(step, len(batches_of(0)))
-        idx = batches_of(epoch)[k]
-        r_chosen, r_rejected = score_pairs(rm, [train_pairs[i] for i in idx], tok, device)
+        idx = shard(batches_of(epoch)[k], dist)  # this process's share of the batch
+        r_chosen, r_rejected = score_pairs(train_score, [train_pairs[i] for i in idx], tok, device)
         loss, stats = reward_loss(r_chosen, r_rejected)  # −log σ(r_w − r_l), lecture ch. 6
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
@@ -332,25 +341,31 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val = evaluate_pairs(rm, val_pairs, tok, device)
-            print(f"step {step:5d} | loss {loss.item():.4f} | acc {stats['accuracy'].item():.3f} | "
+            means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # whole batch
+            val = evaluate_pairs(rm, val_pairs, tok, device, cfg.batch_size)
+            print(f"step {step:5d} | loss {means['loss']:.4f} | acc {means['accuracy']:.3f} | "
                   f"val loss {val['loss']:.4f} | val acc {val['accuracy']:.3f} | lr {lr:.2e}",
                   flush=True)
-            log.write(step, split="train", loss=loss.item(), accuracy=stats["accuracy"].item(),
-                      margin=stats["margin"].item(), lr=lr)
+            log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
+                      margin=means["margin"], lr=lr)
             log.write(step, split="val", loss=val["loss"], accuracy=val["accuracy"])
             if val["loss"] < best:
                 best, bad_evals = val["loss"], 0
-                save(step, best_path)  # early stopping keeps the best model seen
+                if dist.is_main:
+                    save(step, best_path)  # early stopping keeps the best model seen
             else:
                 bad_evals += 1
-            save(step)
+            if dist.is_main:
+                save(step)
             if bad_evals >= cfg.patience:
                 print(f"early stop: no better validation loss in {cfg.patience} evaluations")
                 stopped_early = True
-                break
+            stopped_early = broadcast(stopped_early, dist)  # rank 0's verdict: all stop together
     bar.close()
+    if not dist.is_main:  # rank 0 finishes the model, evaluates and writes eval.json
+        return result
 
     # --- the final model: the best checkpoint, rewards centred on the SFT policy ---
     best_ck = load_checkpoint(best_path)
@@ -361,7 +376,7 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         # Pairs were sampled from the SFT policy, so their mean reward is the SFT policy's mean.
         # PPO then sees rewards around 0 at the start: the value model's targets start centred
         # and the KL penalty, not an arbitrary offset, sets the scale of the per-token rewards.
-        ev = evaluate_pairs(rm, train_pairs[:2000], tok, device)
+        ev = evaluate_pairs(rm, train_pairs[:2000], tok, device, cfg.batch_size)
         shift = torch.cat([ev["r_chosen"], ev["r_rejected"]]).mean().item()
         with torch.no_grad():
             rm.head.bias -= shift
@@ -372,7 +387,7 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
 
     # --- test accuracy next to the Bayes limit, and calibration ---
     if test_rows:
-        ev = evaluate_pairs(rm, encode_pairs(test_rows, tok), tok, device)
+        ev = evaluate_pairs(rm, encode_pairs(test_rows, tok), tok, device, cfg.batch_size)
         rows = calibration_table(ev["r_chosen"], ev["r_rejected"])
         result.update({"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
                        "n_test_pairs": len(test_rows), "calibration": rows})

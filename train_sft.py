@@ -4,6 +4,7 @@
     python train_sft.py --data my_sft.jsonl --init out/sft --out out/sft2
     python train_sft.py --explain out/sft "Which is larger, 3 or 8?" "8 is larger than 3."
     python train_sft.py --resume                          # continue a stopped run
+    torchrun --standalone --nproc_per_node 4 train_sft.py # 4 GPUs (minirlhf/distributed.py)
 
 The loss is masked next-token cross-entropy: the model reads prompt and response but is trained
 to predict the response tokens only; prompt and padding positions are ignored. From scratch on the
@@ -36,6 +37,7 @@ from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, 
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
+from minirlhf.distributed import all_reduce_sum, mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import TokenizerError
@@ -86,9 +88,9 @@ def sft_loss(logits: torch.Tensor, tokens: torch.Tensor,
 @dataclass
 class SFTConfig:
     out: str = "out/sft"              # folder for checkpoint.pt, metrics.jsonl, eval.json
-    data: str | None = None           # SFT JSONL (prompt/completion or messages); none = built-in world
+    data: str | None = None           # SFT JSONL (prompt/completion, messages or HH); none = built-in world
     val_data: str | None = None       # validation JSONL; none = world val prompts, or 5% of --data
-    init: str | None = None           # start from this stage folder's weights (e.g. an earlier SFT)
+    init: str | None = None           # start from this stage folder's weights, or gpt2:DIR (GPT-2)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds data order, initialisation and sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
@@ -173,7 +175,8 @@ def validation_loss(model, val, tok, device, batch_size=256) -> float:
 
 
 def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
-    device = start_run(cfg, prog)
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device = dist.device
     world = World(cfg.seed)
     ck_path = os.path.join(cfg.out, CHECKPOINT)
 
@@ -207,7 +210,9 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
         step = resume_ck["step"]
         print(f"resumed from {ck_path} at step {step}")
     fwd = maybe_compile(model, device, cfg.compile)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None)
+    train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None,
+                     enabled=dist.is_main)
 
     lengths = np.array([len(ids) for ids, _ in train_set])
 
@@ -222,7 +227,8 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     # --- the loop: forward, masked cross-entropy, backward, clip, step ---
     model.train()
     t0, tokens_seen, step_seconds = time.time(), 0, 0.0
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=None, leave=False)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=None if dist.is_main else True,
+               leave=False)
     while step < cfg.max_steps:
         t_step = time.time()
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
@@ -230,14 +236,18 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
         micro_batches = []
         for micro in range(cfg.grad_accum):
             epoch, k = divmod(step * cfg.grad_accum + micro, len(batches_of(0)))
-            seqs, n_prompt = zip(*(train_set[i] for i in batches_of(epoch)[k]))
+            idx = shard(batches_of(epoch)[k], dist)  # this process's share of the batch
+            seqs, n_prompt = zip(*(train_set[i] for i in idx))
             micro_batches.append(pad_batch(list(seqs), list(n_prompt), tok.pad_id, device))
-        # token mean over the whole accumulated batch: weigh each micro-batch by its tokens
-        n_total = sum(int(m[2][:, 1:].sum()) for m in micro_batches)
+        # token mean over the whole accumulated batch: weigh each micro-batch by its tokens. Under
+        # torchrun DDP averages the processes' gradients, so count the tokens of an average
+        # process: the mean is then exactly the whole batch's, however the tokens fall.
+        n_total = all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro_batches), dist)
+        n_total = n_total / dist.world_size
         loss_sum, acc_sum = 0.0, 0.0
         for tokens, attn_mask, loss_mask in micro_batches:
             with autocast(device):
-                logits = fwd(tokens, attn_mask)                                     # (B, T, V)
+                logits = train_fwd(tokens, attn_mask)                               # (B, T, V)
             loss, stats = sft_loss(logits.float(), tokens, loss_mask)
             share = stats["n_tokens"].item() / n_total
             (loss * share).backward()
@@ -254,24 +264,26 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            print(f"step {step:5d} | loss {loss_sum:.4f} | token acc {acc_sum:.3f} | lr {lr:.2e} | "
-                  f"grad norm {float(grad_norm):.2f} | {tokens_seen / step_seconds:,.0f} tok/s",
-                  flush=True)
-            log.write(step, split="train", loss=loss_sum, token_accuracy=acc_sum, lr=lr,
+            means = mean_over_ranks({"loss": loss_sum, "acc": acc_sum}, dist)  # the whole batch's
+            tok_s = all_reduce_sum(tokens_seen, dist) / step_seconds
+            print(f"step {step:5d} | loss {means['loss']:.4f} | token acc {means['acc']:.3f} | "
+                  f"lr {lr:.2e} | grad norm {float(grad_norm):.2f} | {tok_s:,.0f} tok/s", flush=True)
+            log.write(step, split="train", loss=means["loss"], token_accuracy=means["acc"], lr=lr,
                       grad_norm=float(grad_norm))
+        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val = validation_loss(fwd, val_set, tok, device)
+            val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
             print(f"step {step:5d} | val loss {val:.4f}", flush=True)
             log.write(step, split="val", loss=val)
             show_samples(model, tok, world, cfg, step)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
             save(step)
     bar.close()
     train_seconds = time.time() - t0
 
     # --- evaluation on held-out test prompts: sampled (temperature 1) and greedy ---
     result = {"train_seconds": train_seconds}
-    if cfg.data is None:
+    if cfg.data is None and dist.is_main:
         model.eval()
         result.update(final_evaluation(model, tok, world.test_prompts, temperature=cfg.eval_temperature,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))

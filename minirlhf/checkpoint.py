@@ -15,6 +15,7 @@ Safety rules (DESIGN.md, "Reliability"):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 
@@ -109,7 +110,9 @@ def check_compatible(ck: dict, path: str, *, model_config: GPTConfig | None = No
                      tokenizer=None) -> None:
     """Refuse a checkpoint whose model shape or tokenizer differs from what the run uses."""
     if model_config is not None:
-        want, have = dataclasses.asdict(model_config), ck["model_config"]
+        # fields added later (pad_vocab_multiple) take their defaults in older checkpoints
+        want = dataclasses.asdict(model_config)
+        have = {**dataclasses.asdict(GPTConfig()), **ck["model_config"]}
         diff = [f"{k}={have.get(k)} (run wants {v})" for k, v in want.items()
                 if k != "dropout" and have.get(k) != v]
         if diff:
@@ -144,17 +147,24 @@ TOKENIZER = "tokenizer.tiktoken"
 
 def save_stage(out: str, *, model, model_kind: str, config, tokenizer, step: int,
                optimizer=None, rng=None, extra=None) -> str:
-    """Write OUT/tokenizer.tiktoken (world tokenizers), then OUT/checkpoint.pt — the checkpoint
-    is written last, so a folder whose checkpoint loads always has its tokenizer."""
+    """Write OUT/tokenizer.tiktoken (GPT-2's table too: the folder works offline) and
+    OUT/config.json, then OUT/checkpoint.pt — the checkpoint is written last, so a folder whose
+    checkpoint loads always has its tokenizer."""
     from .tokenizer import Tokenizer, TokenizerError  # local: the tokenizer is optional here
-    if tokenizer.kind == "world":
-        tok_path = os.path.join(out, TOKENIZER)
-        try:
-            same = Tokenizer.load(tok_path).fingerprint() == tokenizer.fingerprint()
-        except TokenizerError:
-            same = False
-        if not same:
-            tokenizer.save(tok_path)
+    tok_path = os.path.join(out, TOKENIZER)
+    try:
+        same = Tokenizer.load(tok_path).fingerprint() == tokenizer.fingerprint()
+    except TokenizerError:
+        same = False
+    if not same:
+        tokenizer.save(tok_path)
+    if dataclasses.is_dataclass(config):  # the run's flags, readable beside the checkpoint
+        from .config import config_to_dict
+        os.makedirs(out, exist_ok=True)
+        tmp = os.path.join(out, f"config.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(config_to_dict(config), f, indent=2)
+        os.replace(tmp, os.path.join(out, "config.json"))
     path = os.path.join(out, CHECKPOINT)
     save_checkpoint(path, model=model, model_kind=model_kind, config=config, tokenizer=tokenizer,
                     step=step, optimizer=optimizer, rng=rng, extra=extra)
@@ -168,6 +178,8 @@ def load_tokenizer_for(ck: dict, folder: str):
     try:
         if ref["kind"] == "world":
             tok = Tokenizer.load(os.path.join(folder, TOKENIZER))
+        elif os.path.isfile(os.path.join(folder, TOKENIZER)):  # GPT-2's table, saved beside
+            tok = Tokenizer.gpt2(os.path.join(folder, TOKENIZER))
         else:
             tok = Tokenizer.gpt2(None if ref["source"] == "gpt2" else ref["source"])
     except TokenizerError as e:
@@ -179,7 +191,13 @@ def load_tokenizer_for(ck: dict, folder: str):
 
 
 def load_stage(path: str, kind: str | None = None, device="cpu"):
-    """A stage folder (or its checkpoint.pt) -> (model on device, tokenizer, checkpoint dict)."""
+    """A stage folder (or its checkpoint.pt) -> (model on device, tokenizer, checkpoint dict).
+
+    `gpt2:DIR` loads OpenAI's GPT-2 from a Hugging Face folder instead (minirlhf/gpt2.py), so every
+    script that takes a stage (--init, --sft) can start from GPT-2."""
+    if path.startswith("gpt2:"):
+        from .gpt2 import load_gpt2_stage  # local: gpt2.py imports this module
+        return load_gpt2_stage(path[len("gpt2:"):], kind, device)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     ck_path = os.path.join(folder, CHECKPOINT) if os.path.isdir(path) else path
     ck = load_checkpoint(ck_path)

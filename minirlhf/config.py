@@ -90,7 +90,7 @@ def build_parser(cls, prog: str, description: str = "") -> OneLineParser:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = comments.get(f.name, "")
+        help_ = comments.get(f.name, "").replace("%", "%%")  # argparse %-formats help ("5% of")
         type_ = hints[f.name]
         if type_ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

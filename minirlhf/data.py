@@ -16,6 +16,14 @@ the last message must be the assistant's and is the completion; the contents of 
 (at least one of them from the user), in order and joined by a newline, are the prompt; roles are
 dropped. Extra fields (an id, a source) are ignored, so TRL-style files load unchanged.
 
+Anthropic HH lines, {"chosen": dialogue, "rejected": dialogue} with whole dialogues
+"\\n\\nHuman: ...\\n\\nAssistant: ...", are recognised by having no 'prompt' and are read by all
+three readers: the prompt is the dialogue up to and including the last "\\n\\nAssistant:" (earlier
+turns stay in it, and the GPT-2 template uses such a prompt as it is), the response the final
+answer (`split_dialogue`, `split_hh_pair`). Preferences: both dialogues must agree up to there.
+SFT: `chosen` is the demonstration. TL;DR-style files (summarize-from-feedback as TRL ships it)
+are prompt/chosen/rejected lines; responses that start with a space or newline keep it.
+
 Validation: every line is checked before anything is returned, and the first bad line raises
 `DataError` with a one-line message "path:line: what is wrong" (file-level problems: "path: ...").
 Checked: UTF-8, JSON syntax, an object, each field present, a string, not empty or whitespace
@@ -44,6 +52,7 @@ import sys
 from typing import Any, Callable, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # the turn markers of Anthropic HH dialogues
 
 
 class DataError(ValueError):
@@ -129,7 +138,50 @@ def _string(path: str, lineno: int, obj: dict, key: str, where: str = "") -> str
     return v
 
 
+def split_dialogue(text: str) -> tuple[str, str]:
+    """An Anthropic HH dialogue -> (prompt, response).
+
+    The prompt runs to the end of the last "\\n\\nAssistant:", earlier turns included; the response
+    is that final assistant turn with its leading spaces stripped (the GPT-2 template puts one
+    space back). ValueError if there is no assistant turn or a human turn follows the last one.
+    """
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError(f"it has no {ASSISTANT!r} turn")
+    prompt, response = text[:i + len(ASSISTANT)], text[i + len(ASSISTANT):].lstrip(" ")
+    if HUMAN in response:
+        raise ValueError(f"it ends with a {HUMAN!r} turn, not with the assistant's answer")
+    return prompt, response
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Two HH dialogues -> (prompt, chosen, rejected): the prompt is their longest shared prefix
+    that ends at the last "\\n\\nAssistant:", so the responses are the two final answers."""
+    prompt, chosen_answer = split_dialogue(chosen)
+    rejected_prompt, rejected_answer = split_dialogue(rejected)
+    if rejected_prompt != prompt:
+        raise ValueError(f"'chosen' and 'rejected' differ before their last {ASSISTANT!r} turn "
+                         f"(an HH pair shares the dialogue up to the final answer)")
+    return prompt, chosen_answer, rejected_answer
+
+
+def _hh_field(path: str, lineno: int, obj: dict, key: str) -> tuple[str, str]:
+    """split_dialogue(obj[key]) with file:line errors; a line without 'prompt' is read as HH."""
+    text = _string(path, lineno, obj, key)
+    try:
+        prompt, response = split_dialogue(text)
+    except ValueError as e:
+        raise DataError(path, f"missing field 'prompt', and '{key}' is not an Anthropic HH "
+                              f"dialogue: {e}", lineno) from None
+    if not response.strip():
+        raise DataError(path, f"the final assistant turn of '{key}' is empty", lineno)
+    return prompt, response
+
+
 def _sft_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
+    if not {"prompt", "completion", "messages"} & set(obj) and "chosen" in obj:
+        prompt, completion = _hh_field(path, lineno, obj, "chosen")  # HH: imitate the chosen
+        return {"prompt": prompt, "completion": completion}
     if "messages" not in obj:
         if "prompt" not in obj and "completion" not in obj:
             raise DataError(path, "missing field 'prompt' (an SFT line has 'prompt' and "
@@ -162,6 +214,14 @@ def _sft_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
 
 
 def _prefs_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
+    if "prompt" not in obj and "chosen" in obj and "rejected" in obj:  # HH: whole dialogues
+        for key in ("chosen", "rejected"):
+            _hh_field(path, lineno, obj, key)            # each a string and a dialogue
+        try:
+            prompt, chosen, rejected = split_hh_pair(obj["chosen"], obj["rejected"])
+        except ValueError as e:
+            raise DataError(path, str(e), lineno) from None
+        obj = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     row = {k: _string(path, lineno, obj, k) for k in ("prompt", "chosen", "rejected")}
     if row["chosen"] == row["rejected"]:
         raise DataError(path, "'chosen' and 'rejected' are the same text; the pair says nothing",
@@ -170,6 +230,8 @@ def _prefs_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
 
 
 def _prompt_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
+    if "prompt" not in obj and "chosen" in obj:  # HH: the dialogue up to the final answer
+        return {"prompt": _hh_field(path, lineno, obj, "chosen")[0]}
     return {"prompt": _string(path, lineno, obj, "prompt")}
 
 

@@ -51,14 +51,16 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> t
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, mean_var: tuple | None = None) -> torch.Tensor:
     """Normalise `x` to mean 0 and variance 1 using statistics of the real entries only.
 
     x, mask: (B, T) -> (B, T); masked entries come back as 0. With shift_mean=False only the
     scale changes (the mean is added back), which keeps the sign of, e.g., a reward.
     Used on PPO advantages: a padded position must not move the mean or the variance.
+    mean_var: (mean, variance) to use instead of x's own, e.g. those of the rollouts of every
+    process under torchrun (`minirlhf.distributed.masked_mean_var`).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = mean_var if mean_var is not None else (masked_mean(x, mask), masked_var(x, mask))
     white = (x - mean) * torch.rsqrt(var + eps)  # (B, T)
     if not shift_mean:
         white = white + mean

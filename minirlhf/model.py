@@ -13,6 +13,11 @@ tokens and 0 on padding; position ids count real tokens only, so a prompt gets t
 whether it is padded or not, and no real token attends to padding. Decoding appends to a
 preallocated `KVCache` instead of re-running the prefix.
 
+`GPTConfig(pad_vocab_multiple=64)` rounds the embedding table up to a multiple of 64 rows (GPT-2:
+50257 -> 50304), which suits GPU matrix kernels; the logits are sliced back to the real V, so
+sampling and log-probs do not change. `minirlhf/gpt2.py` loads OpenAI's GPT-2 weights into this
+class (GELU with the tanh approximation and LayerNorm eps 1e-5 are GPT-2's).
+
 Left out on purpose: dropout is 0 by default (RLHF needs identical log-probs on every pass), no
 weight-tying options, no mixture-of-experts or rotary embeddings — GPT-2 is the reference.
 """
@@ -35,6 +40,14 @@ class GPTConfig:
     n_embd: int = 128       # channels C of the residual stream
     dropout: float = 0.0    # 0 keeps log-probs deterministic, which PPO's ratio relies on
     bias: bool = True       # GPT-2 uses biases in Linear and LayerNorm
+    pad_vocab_multiple: int = 1  # embedding rows rounded up to a multiple of this (GPU: 64)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: vocab_size rounded up to pad_vocab_multiple (50257 -> 50304
+        with 64). The extra rows are never looked up, and their logits are cut off."""
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
 
 
 class KVCache:
@@ -77,7 +90,8 @@ class CausalSelfAttention(nn.Module):
             k = cache.k[layer, :, :, :start + T]                                 # (B, nh, S, hs)
             v = cache.v[layer, :, :, :start + T]                                 # (B, nh, S, hs)
         # allowed: (B, 1, T, S) boolean, True where query t may attend to key s
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+        # allowed None: right-padded rows, plain causal attention (see attention_allowed)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                          # (B, T, C)
         return self.c_proj(y)
@@ -108,13 +122,23 @@ class Block(nn.Module):
         return x
 
 
-def attention_allowed(attn_mask: torch.Tensor) -> torch.Tensor:
+def attention_allowed(attn_mask: torch.Tensor, fast: bool = True) -> torch.Tensor | None:
     """(B, T) real-token mask -> (B, 1, T, T) boolean: causal AND key is real.
 
     Every query may also see itself, so a padding row is never fully masked (SDPA would return
     NaN there); padding outputs are ignored downstream anyway.
+
+    Fast path (`fast`): when every row is right-padded (real tokens first, as in training
+    batches), returns None and attention runs with `is_causal=True` and no mask tensor, which
+    lets SDPA pick its flash kernel on a GPU. Real tokens get the same outputs — causality
+    already hides the padding after them; only the ignored padding positions differ (they see
+    earlier tokens instead of only themselves). tests/test_model.py checks the two agree.
     """
     B, T = attn_mask.shape
+    if fast and T > 0:
+        m = attn_mask.bool()
+        if bool(m[:, 0].all() & ~(m[:, 1:] & ~m[:, :-1]).any()):  # no real token after padding
+            return None
     causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()  # (T, T)
     allowed = causal[None] & attn_mask.bool()[:, None, :]                          # (B, T, T)
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=attn_mask.device)[None]
@@ -132,7 +156,7 @@ class Trunk(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -153,7 +177,7 @@ class Trunk(nn.Module):
                 raise ValueError(f"sequence of {T} tokens is longer than block_size "
                                  f"{self.config.block_size}")
             pos = position_ids(attn_mask)                                          # (B, T)
-            allowed = attention_allowed(attn_mask)                                 # (B, 1, T, T)
+            allowed = attention_allowed(attn_mask)                # (B, 1, T, T), or None
         else:
             start = cache.length
             if start + T > cache.max_len:
@@ -193,13 +217,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Trunk(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         _init_weights(self, config.n_layer)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
 
     def forward(self, tokens, attn_mask=None, cache=None, return_hidden=False):
         hidden = self.transformer(tokens, attn_mask, cache)                        # (B, T, C)
-        logits = self.lm_head(hidden)                                              # (B, T, V)
+        # the padding rows (pad_vocab_multiple) are cut off: no token beyond V is ever produced
+        logits = self.lm_head(hidden)[..., :self.config.vocab_size]                # (B, T, V)
         return (logits, hidden) if return_hidden else logits
 
     def num_params(self) -> int:

@@ -84,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
     out, t_start = args.out, time.time()
     common = dict(device=args.device, seed=args.seed)
     shrink = quick if args.quick else (lambda c: c)

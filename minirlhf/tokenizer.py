@@ -4,6 +4,7 @@
     tok.save("out/tokenizer.tiktoken"); tok = Tokenizer.load("out/tokenizer.tiktoken")
     tok = Tokenizer.gpt2()                            # tiktoken's GPT-2 encoding (by name)
     tok = Tokenizer.gpt2("path/to/gpt2.tiktoken")     # the same from a local rank file (offline)
+    tok = Tokenizer.gpt2("gpt2/vocab.json")           # ... or from a Hugging Face download
     ids, n_prompt = tok.render("What is 2 plus 3?", "2 plus 3 is 5.")
 
 The trainer is the textbook algorithm (Sennrich et al. 2016, byte-level as in GPT-2): split text
@@ -16,6 +17,7 @@ The chat template. World tokenizers own five special tokens:
     <|bos|> <|user|> prompt <|assistant|> response <|end|>      (<|pad|> pads batches)
 GPT-2 has one special token, so its template is text (the Anthropic HH form):
     "\\n\\nHuman: prompt\\n\\nAssistant:" response <|endoftext|>
+(a prompt that already ends with "\\n\\nAssistant:", a whole HH dialogue so far, is kept as it is).
 User text that spells a special token ("<|end|>") is always encoded as plain text, never as the
 control token. Left out: normalisation, byte fallback tricks, sentencepiece.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import json
 import os
 from collections import Counter, defaultdict
 
@@ -138,6 +141,32 @@ def load_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's vocab.json spells each byte as a printable character: printable bytes other than
+    space stand for themselves, the 68 others (in byte order) for chr(256), chr(257), ..."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def load_hf_vocab(path: str) -> dict[bytes, int]:
+    """Mergeable ranks from a Hugging Face GPT-2 `vocab.json` (OpenAI's encoder.json): its ids
+    are the BPE ranks, so no merges file is needed. <|endoftext|> is the special token."""
+    try:
+        vocab = json.load(open(path, encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: GPT-2 vocab.json not found") from None
+    except (ValueError, OSError) as e:
+        raise TokenizerError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    byte_of = gpt2_byte_decoder()
+    try:
+        return {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items()
+                if tok != "<|endoftext|>"}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TokenizerError(f"{path}: not a GPT-2 vocab.json (token -> id in GPT-2's byte "
+                             f"spelling)") from None
+
+
 class Tokenizer:
     """A tiktoken Encoding plus the chat template. `kind` is "world" or "gpt2"."""
 
@@ -172,9 +201,11 @@ class Tokenizer:
 
     @classmethod
     def gpt2(cls, rank_file: str | None = None) -> "Tokenizer":
-        """GPT-2's encoding: from a local rank file when given, else tiktoken's by name."""
+        """GPT-2's encoding: from a local file when given (a tiktoken rank file, or a Hugging Face
+        `vocab.json`), else tiktoken's by name."""
         if rank_file is not None:
-            ranks = load_ranks(rank_file)
+            is_json = rank_file.endswith(".json")
+            ranks = load_hf_vocab(rank_file) if is_json else load_ranks(rank_file)
             enc = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN,
                                     mergeable_ranks=ranks,
                                     special_tokens={"<|endoftext|>": 50256})
@@ -188,8 +219,7 @@ class Tokenizer:
         return cls(enc, "gpt2", "gpt2")
 
     def save(self, path: str) -> None:
-        if self.kind != "world":
-            raise TokenizerError("only trained world tokenizers are saved; GPT-2 is referenced")
+        """The token table as a rank file (GPT-2's too: Tokenizer.gpt2(path) reads it back)."""
         save_ranks(self.enc._mergeable_ranks, path)
 
     def fingerprint(self) -> str:
@@ -213,13 +243,21 @@ class Tokenizer:
 
     # --- chat template ------------------------------------------------------------------
     def render_prompt(self, prompt: str) -> list[int]:
-        """The tokens a policy sees before it answers (ends where the response begins)."""
+        """The tokens a policy sees before it answers (ends where the response begins).
+
+        GPT-2: a prompt that already ends with "\\n\\nAssistant:" (an Anthropic HH dialogue, its
+        earlier turns included) is used as it is, so the markers are never doubled."""
         if self.kind == "world":
             return [self.bos_id, self.user_id] + self.encode(prompt) + [self.assistant_id]
+        if prompt.endswith("\n\nAssistant:"):
+            return self.encode(prompt)
         return self.encode(f"\n\nHuman: {prompt}\n\nAssistant:")
 
     def render(self, prompt: str, response: str, end: bool = True) -> tuple[list[int], int]:
-        """prompt + response (+ end token) -> (ids, n_prompt); ids[n_prompt:] is the response."""
+        """prompt + response (+ end token) -> (ids, n_prompt); ids[n_prompt:] is the response.
+
+        GPT-2: one space joins "Assistant:" and the response, unless the response already starts
+        with whitespace (TL;DR-style data often starts with " " or a newline)."""
         p = self.render_prompt(prompt)
-        text = response if self.kind == "world" else " " + response.lstrip(" ")
+        text = response if self.kind == "world" or response[:1].isspace() else " " + response
         return p + self.encode(text) + ([self.end_id] if end else []), len(p)

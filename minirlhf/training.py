@@ -5,10 +5,13 @@
 - `pad_batch(seqs, ...)`: right-padded (tokens, attn_mask, loss_mask) from token lists.
 - `epoch_batches(...)`: an epoch's batches, grouped by length, a function of (seed, epoch) only.
 - `MetricsLog`: appends one JSON line per logged step to OUT/metrics.jsonl; on resume it first cuts
-  the file back to the checkpoint's step, so a killed run never leaves duplicated steps.
+  the file back to the checkpoint's step, so a killed run never leaves duplicated steps. Under
+  torchrun only rank 0's log writes (`enabled=dist.is_main`).
 - `check_finite`: a NaN or inf in a loss, reward or gradient norm stops the run with a message that
   names the quantity and the step (the last good checkpoint on disk is left as it is).
-- `start_run`: prints the config, writes OUT/config.json, resolves the device and the seeds.
+- `start_run`: prints the config, resolves the device and the seeds (OUT/config.json is written
+  beside each checkpoint, so a run refused for bad input leaves no file behind); under torchrun it
+  joins the other processes first and returns who this one is (minirlhf/distributed.py).
 
 The loops themselves stay in the train_*.py scripts, flat and in the open (STYLE.md rule 7).
 """
@@ -23,8 +26,10 @@ import sys
 import numpy as np
 import torch
 
-from .config import config_to_dict, format_config
+from .checkpoint import CheckpointError
+from .config import format_config
 from .device import resolve_device
+from .distributed import Dist, setup
 
 
 class NonFiniteError(RuntimeError):
@@ -102,20 +107,37 @@ def check_finite(step: int, **values) -> None:
 class MetricsLog:
     """OUT/metrics.jsonl, one object per logged step: {"step": ..., "split": ..., ...}."""
 
-    def __init__(self, path: str, resume_step: int | None = None):
+    def __init__(self, path: str, resume_step: int | None = None, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False on the ranks other than 0 under torchrun: no file at all
+        if not enabled:
+            return
         if resume_step is None:
             if os.path.exists(path):
                 os.remove(path)  # a fresh run starts a fresh log
         elif os.path.exists(path):
-            kept = [line for line in open(path) if line.strip()
-                    and json.loads(line).get("step", 0) <= resume_step]
+            kept = []
+            lines = open(path).read().split("\n")
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # the last line, torn by a kill mid-write: drop it
+                        break
+                    raise CheckpointError(f"{path}:{i + 1}: not a JSON object; the metrics log "
+                                          f"is damaged (move it away to resume)") from None
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 f.writelines(kept)
             os.replace(tmp, path)
 
     def write(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
         row = {"step": step}
         for k, v in metrics.items():
             row[k] = float(v) if isinstance(v, (torch.Tensor, np.floating)) else v
@@ -135,21 +157,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(cfg, prog: str):
-    """Print and save the config, resolve the device, seed every RNG. Returns the device."""
+def start_run(cfg, prog: str) -> Dist:
+    """Resolve the device, join torchrun's processes if there are several, print the config,
+    seed every RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
     try:
-        device = resolve_device(cfg.device)
+        dist = setup(resolve_device(cfg.device))
+        for name in ("batch_size", "prompts_per_iter", "minibatch_size"):  # global batches
+            if getattr(cfg, name, 0) % dist.world_size:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split "
+                                 f"evenly over {dist.world_size} processes")
     except ValueError as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2)
     os.makedirs(cfg.out, exist_ok=True)
-    print(f"{prog} config:\n{format_config(cfg)}\n  (device: {device})", flush=True)
-    tmp = os.path.join(cfg.out, f"config.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
-    os.replace(tmp, os.path.join(cfg.out, "config.json"))
+    processes = f", {dist.world_size} processes" if dist.world_size > 1 else ""
+    print(f"{prog} config:\n{format_config(cfg)}\n  (device: {dist.device}{processes})", flush=True)
     seed_everything(cfg.seed)
-    return device
+    return dist
 
 
 def write_json(path: str, obj) -> None:

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
+import minirlhf.model as model_module
+from minirlhf.model import GPT, GPTConfig, ScalarHeadModel, attention_allowed
 
 V = 64     # vocabulary of every test model
 ATOL = 1e-5
@@ -73,6 +74,31 @@ def test_left_padding_does_not_change_logits_at_real_positions(seed, lengths):
         for i, s in enumerate(seqs):
             alone = model(torch.tensor([s]))[0]                                # (L, V)
             torch.testing.assert_close(batched[i, mask[i]], alone, atol=ATOL, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4))
+def test_causal_fast_path_matches_the_explicit_mask_on_right_padded_batches(seed, lengths):
+    """Fast path vs reference: a right-padded batch runs SDPA with is_causal and no mask tensor
+    (attention_allowed returns None); its logits at real positions equal the explicit-mask path's,
+    and a left-padded batch never takes the fast path."""
+    model = tiny_gpt(seed)
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    tokens = torch.randint(V, (len(lengths), T), generator=g)                 # (B, T) garbage pads
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths], dtype=torch.bool)
+    assert attention_allowed(mask) is None
+    assert attention_allowed(mask, fast=False) is not None
+    with torch.no_grad():
+        fast = model(tokens, mask)                                             # (B, T, V)
+        reference = model_module.attention_allowed
+        try:
+            model_module.attention_allowed = lambda m: reference(m, fast=False)
+            slow = model(tokens, mask)                                         # (B, T, V)
+        finally:
+            model_module.attention_allowed = reference
+    torch.testing.assert_close(fast[mask], slow[mask], atol=ATOL, rtol=0)
+    if min(lengths) < T:  # a row with padding: left-padding it must keep the explicit mask
+        assert attention_allowed(mask.flip(1)) is not None
 
 
 @given(seed=st.integers(0, 2**16),

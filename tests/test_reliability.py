@@ -11,9 +11,9 @@ checkpoint intact, and refuses checkpoints that do not fit.
 2. Determinism: the same flags twice in one process give identical weights and metrics.
 3. Bad input: malformed JSONL (a list of named cases, plus hypothesis-corrupted files) and bad
    flags end in exactly one `prog: error: ...` line naming the file and line, or the flag, with
-   a non-zero exit. A refused run leaves OUT as it found it except for config.json, which
-   `start_run` writes before any input is read (the record of what was asked for): no new
-   file, and an existing checkpoint, metrics log or eval.json untouched.
+   a non-zero exit. A refused run leaves OUT as it found it: no new file (config.json is
+   written beside the first checkpoint), and an existing checkpoint, metrics log or eval.json
+   untouched.
 4. Numbers: NaN/inf in a loss, a reward or a gradient norm stops the run naming the step (as
    metrics.jsonl numbers steps) and the quantity; OUT/checkpoint.pt still holds the last good
    step. Every loss is finite for inputs of ±1e4.
@@ -327,6 +327,36 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, dirs, references, sta
     assert_same_run(out, references[stage])
 
 
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_a_metrics_row_torn_by_a_kill_is_dropped_on_resume(tmp_path, dirs, references, stage):
+    """A kill half-way through appending a metrics row leaves a torn last line; --resume drops
+    it and ends with the uninterrupted run's metrics (each step once)."""
+    module, _, flags, _, _ = STAGES[stage]
+    out = str(tmp_path / stage)
+    shutil.copytree(references[stage], out)
+    os.remove(os.path.join(out, "eval.json"))
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 999, "split": "tra')  # no closing brace, no newline
+    assert run_main(module, flags(dirs) + ["--out", out, "--resume"]) == 0
+    assert_same_run(out, references[stage])
+
+
+def test_a_metrics_log_damaged_in_the_middle_is_refused(tmp_path, capsys, dirs, references):
+    """Damage that a kill cannot cause (a broken line before the last) is not silently
+    dropped: --resume stops with one line naming the file and line."""
+    module, _, flags, _, _ = STAGES["sft"]
+    out = str(tmp_path / "sft")
+    shutil.copytree(references["sft"], out)
+    path = os.path.join(out, "metrics.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    lines[1] = "not json\n"
+    open(path, "w").writelines(lines)
+    capsys.readouterr()
+    assert run_main(module, flags(dirs) + ["--out", out, "--resume"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl:2" in err[0] and "Traceback" not in err[0], err
+
+
 class Interrupted(Exception):
     """Stands in for a SIGKILL at a chosen point of an in-process run."""
 
@@ -403,16 +433,15 @@ def line(obj, good=None) -> bytes:
 
 
 def files_in(out) -> dict:
-    """OUT's files and their bytes, config.json aside."""
+    """OUT's files and their bytes."""
     if not os.path.isdir(out):
         return {}
-    return {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)
-            if name != "config.json"}
+    return {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
 
 
 def refused(capsys, stage, argv, out, *mentions, code=None):
     """Run the script on argv: a non-zero exit, exactly one stderr line `prog: error: ...`
-    holding every mention, no traceback, and OUT as it was (config.json aside): no new file,
+    holding every mention, no traceback, and OUT as it was: no new file (not even config.json),
     and an existing checkpoint, metrics log or eval.json untouched."""
     module = STAGES[stage][0]
     before = files_in(out)
@@ -644,7 +673,7 @@ BAD_FLAGS = [  # (stage, argv, words in the message); argv is added to the stage
                          ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_FLAGS])
 def test_bad_flags_are_refused_naming_the_flag(tmp_path, capsys, dirs, stage, argv, words):
     """A bad flag, value or combination exits non-zero with one line naming the flag (or the
-    missing path), before anything but config.json is written."""
+    missing path), before anything is written."""
     _, _, flags, _, _ = STAGES[stage]
     argv = [dirs[a.lower()] if a in ("SFT", "PROMPTS") else a for a in argv]
     out = str(tmp_path / "out")

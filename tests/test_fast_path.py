@@ -1,0 +1,137 @@
+"""The CUDA fast paths against the obvious ones (STYLE.md rule 11): fused AdamW, bf16 autocast and
+torch.compile each compute what the plain float32 path computes, within their rounding.
+
+Tests that need a GPU skip cleanly without one; the rest run on CPU: the fused-AdamW property is
+checked on CPU too (PyTorch has a fused CPU kernel), and on CPU the fast paths stay off
+(`make_optimizer` is unfused, `autocast` and `maybe_compile` change nothing). The KV-cache
+sampler against the re-run-everything one is tested in test_sampler.py and test_model.py.
+"""
+import pytest
+import torch
+
+from minirlhf.device import autocast, maybe_compile
+from minirlhf.masking import token_logprobs
+from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
+from minirlhf.training import make_optimizer
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+CONFIG = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(device, seed=0):
+    torch.manual_seed(seed)
+    return GPT(CONFIG).to(device)
+
+
+def batch(device, B=4, T=24, seed=0):
+    """Random tokens with ragged left padding, as the sampler and PPO feed the model."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, CONFIG.vocab_size, (B, T), generator=g)
+    attn_mask = torch.ones(B, T, dtype=torch.bool)
+    for i in range(B):
+        attn_mask[i, :2 * i] = False                                               # left padding
+    return tokens.to(device), attn_mask.to(device)
+
+
+def adamw(model, fused):
+    """make_optimizer's parameter groups and hyper-parameters, with `fused` chosen here."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-3, betas=(0.9, 0.95), fused=fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_adamw_takes_the_same_steps_as_unfused(device):
+    """Given the same gradients, fused AdamW moves every parameter where the for-loop AdamW
+    does: after 5 steps (float32) they agree to 1e-6."""
+    plain_model, fused_model = tiny_gpt(device), tiny_gpt(device)
+    plain_opt = adamw(plain_model, fused=False)
+    if device == "cuda":
+        fused_opt = make_optimizer(fused_model, lr=1e-3, weight_decay=0.1)  # what scripts use
+        assert fused_opt.defaults["fused"], "make_optimizer should fuse AdamW on CUDA"
+    else:
+        fused_opt = adamw(fused_model, fused=True)
+    tokens, attn_mask = batch(device)
+    for step in range(5):
+        logits = plain_model(tokens, attn_mask)                                    # (B, T, V)
+        loss = -token_logprobs(logits[:, :-1], tokens[:, 1:])[attn_mask[:, 1:]].mean()
+        loss.backward()
+        for p, q in zip(plain_model.parameters(), fused_model.parameters()):
+            q.grad = p.grad.clone()  # the same gradient for both optimizers
+        plain_opt.step()
+        fused_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        fused_opt.zero_grad(set_to_none=True)
+    moved = max((p - q).abs().max().item() for p, q in
+                zip(tiny_gpt(device).parameters(), plain_model.parameters()))
+    assert moved > 1e-3, "the optimizer did not move the parameters; the test proves nothing"
+    for (name, p), q in zip(plain_model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_make_optimizer_stays_unfused_on_cpu():
+    """On CPU the scripts keep the plain for-loop AdamW (the fused kernel is a CUDA fast path)."""
+    opt = make_optimizer(tiny_gpt("cpu"), lr=1e-3, weight_decay=0.1)
+    assert not opt.defaults["fused"]
+
+
+def test_on_cpu_autocast_and_compile_change_nothing():
+    """autocast(cpu) is float32 and maybe_compile(cpu) returns the very same module, so CPU
+    runs are the plain path bit for bit."""
+    model = tiny_gpt("cpu").eval()
+    tokens, attn_mask = batch("cpu")
+    cpu = torch.device("cpu")
+    assert maybe_compile(model, cpu, enabled=True) is model
+    with torch.no_grad():
+        plain = model(tokens, attn_mask)
+        with autocast(cpu):
+            fast = model(tokens, attn_mask)
+    assert fast.dtype == torch.float32
+    assert torch.equal(plain, fast)
+
+
+@needs_cuda
+def test_bf16_autocast_forward_is_close_to_float32():
+    """Under bf16 autocast the policy's token log-probs and the scalar model's scores stay within
+    bf16 rounding of float32 (loose tolerance: bf16 keeps 8 bits of mantissa)."""
+    device = torch.device("cuda")
+    model = tiny_gpt(device).eval()
+    scalar = ScalarHeadModel.from_gpt(model).eval()
+    tokens, attn_mask = batch(device)
+    real = attn_mask[:, 1:]
+    with torch.no_grad():
+        logp32 = token_logprobs(model(tokens, attn_mask)[:, :-1].float(), tokens[:, 1:])
+        score32 = scalar.score(tokens, attn_mask)
+        with autocast(device):
+            logits16 = model(tokens, attn_mask)                                    # (B, T, V)
+            score16 = scalar.score(tokens, attn_mask)
+        logp16 = token_logprobs(logits16[:, :-1].float(), tokens[:, 1:])
+    assert logits16.dtype == torch.bfloat16, "autocast did not run the model in bf16"
+    torch.testing.assert_close(logp16[real], logp32[real], atol=5e-2, rtol=0)
+    torch.testing.assert_close(score16.float(), score32, atol=5e-2, rtol=5e-2)
+
+
+@needs_cuda
+def test_compiled_model_matches_eager_forward_and_gradients():
+    """torch.compile (maybe_compile on CUDA) gives the eager model's logits and gradients in
+    float32, within kernel-fusion rounding."""
+    device = torch.device("cuda")
+    eager = tiny_gpt(device)
+    compiled_owner = tiny_gpt(device)
+    compiled = maybe_compile(compiled_owner, device, enabled=True)
+    assert compiled is not compiled_owner
+    tokens, attn_mask = batch(device)
+    losses = []
+    for m in (eager, compiled):
+        logits = m(tokens, attn_mask)                                              # (B, T, V)
+        loss = -token_logprobs(logits[:, :-1], tokens[:, 1:])[attn_mask[:, 1:]].mean()
+        loss.backward()
+        losses.append(logits.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), compiled_owner.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3,
+                                   msg=lambda m: f"{name}: {m}")
