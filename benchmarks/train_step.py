@@ -19,19 +19,19 @@ elsewhere null unless `--peak` says what it is (a CPU has no meaningful single n
 
 On CUDA the fast path is bf16 autocast + fused AdamW (+ `--compile`), with the embedding table
 padded to a multiple of 64 rows for the tensor cores (GPTConfig.pad_vocab_multiple). The same
-steps also run on the plain paths — unfused AdamW, eager (with --compile), and float32 with
-neither — interleaved step by step so machine noise hits all alike; `ratios` give fast / plain
-throughput. On CPU there is one path: float32,
-unfused AdamW, eager, exactly what the scripts do there.
+steps also run on the plain paths — unfused AdamW, eager (with --compile), the explicit
+(B, 1, T, T) attention mask instead of `is_causal` (which keeps SDPA off its flash kernel), and
+float32 with none of it — interleaved step by step so machine noise hits all alike; `ratios`
+give fast / plain throughput. On CPU the path is what the scripts do there (float32, unfused
+AdamW, eager), next to the explicit-mask path.
 
 Left out on purpose: data loading (random tokens), gradient accumulation, DDP, activation
-checkpointing. Our attention passes an explicit (B, 1, T, T) mask so that left padding works;
-that keeps SDPA off its flash kernel even when there is no padding, and this benchmark shows
-the price as it is.
+checkpointing.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -47,7 +47,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minirlhf.config import format_config, parse_config  # noqa: E402
 from minirlhf.device import autocast, resolve_device  # noqa: E402
+import minirlhf.model as model_module  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
+
+allowed_fast = model_module.attention_allowed
 
 PROG = "benchmarks/train_step.py"
 SHAPES = {
@@ -91,6 +94,7 @@ class Variant:
     bf16: bool        # bf16 autocast around the forward pass
     fused: bool       # fused AdamW (one kernel for all parameters)
     compiled: bool    # torch.compile
+    causal: bool = True  # unpadded batches run SDPA with is_causal (False: the explicit mask)
 
 
 def fail(message: str):
@@ -156,11 +160,16 @@ def main(argv=None):
             paths.append(Variant("unfused_adamw", bf16=True, fused=False, compiled=cfg.compile))
             if cfg.compile:
                 paths.append(Variant("eager", bf16=True, fused=True, compiled=False))
+            paths.append(Variant("explicit_mask", bf16=True, fused=True, compiled=cfg.compile,
+                                 causal=False))
             paths.append(Variant("plain", bf16=False, fused=False, compiled=False))
         if not cfg.compile:
             skipped.append("compile vs eager: pass --compile")
     else:
         paths = [Variant("plain", bf16=False, fused=False, compiled=False)]
+        if cfg.compare:
+            paths.append(Variant("explicit_mask", bf16=False, fused=False, compiled=False,
+                                 causal=False))
         skipped.append("fast-path comparison (bf16, fused AdamW, compile): CUDA only")
         if cfg.compile:
             skipped.append("--compile: CUDA only")
@@ -176,6 +185,9 @@ def main(argv=None):
         runs[p.name] = (p, model, fwd, adamw(model, p.fused), [])
 
     def step(p, model, fwd, opt):
+        # the reference attention path: the (B, 1, T, T) mask even when nothing is padded
+        model_module.attention_allowed = (allowed_fast if p.causal else
+                                          functools.partial(allowed_fast, fast=False))
         with autocast(device) if p.bf16 else contextlib.nullcontext():
             logits = fwd(x)                                                        # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # autocast: runs in fp32
@@ -203,6 +215,7 @@ def main(argv=None):
         seconds = statistics.median(times)
         achieved = fpt * batch * T / seconds
         results[name] = {"bf16": p.bf16, "fused_adamw": p.fused, "compile": p.compiled,
+                         "is_causal": p.causal,
                          "step_seconds": round(seconds, 5),
                          "tokens_per_s": round(batch * T / seconds, 1),
                          "flops_per_s": float(f"{achieved:.4g}"),
