@@ -8,6 +8,7 @@ run in-process with the same flags.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -82,13 +83,21 @@ def runs(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", os.path.abspath(__file__), json.dumps(stages)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # its own process group, so that a hang kills torchrun's workers too, not only the launcher
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", os.path.abspath(__file__), json.dumps(stages)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("two-process run hung for 300 s: " + stderr[-2000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     run_main(train_rm, rm + ["--sft", one["sft"], "--out", one["rm"]])
     run_main(train_dpo, dpo + ["--sft", one["sft"], "--out", one["dpo"]])
-    return {"one": one, "two": two, "stdout": proc.stdout, "sft": one["sft"]}
+    return {"one": one, "two": two, "stdout": stdout, "sft": one["sft"]}
 
 
 def max_weight_difference(a, b, name="checkpoint.pt", shift_only=()):
