@@ -98,20 +98,23 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
     labelled by its own draw of the Bradley–Terry labeller (InstructGPT had labellers rank K = 4
     to 9 responses for the same reason: K responses give K(K−1)/2 comparisons, many of them
     between responses that differ in one respect only). k = 2 is the plain "sample two" of the
-    lecture. Responses that lack the end token or are empty are dropped, and so are pairs of
-    identical texts: the JSONL format cannot mark a cut-off response or hold an empty one, and an
-    identical pair carries no preference.
+    lecture. Measured on the built-in world (16000 pairs, 900 steps): distinct responses matter
+    more than comparisons among them — test accuracy 0.759 at k = 2, 0.756 at k = 3, 0.754 at
+    k = 4, 0.731 at k = 8, 0.699 at k = 16 — but k = 2 samples 32000 responses where k = 3 needs
+    16000, so the default is k = 3. Responses that lack the end token or are empty are dropped,
+    and so are pairs of identical texts: the JSONL format cannot mark a cut-off response or hold
+    an empty one, and an identical pair carries no preference.
     """
     rng = np.random.default_rng(seed)  # the labeller's coin flips
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
-    rows, tries, cursor = [], 0, 0
+    rows, barren, cursor = [], 0, 0
     order = [prompts[i] for i in rng.permutation(len(prompts))]
     while len(rows) < n_pairs:
-        tries += 1
-        if tries > 100:
+        if barren >= 10:  # ten batches in a row without one usable pair: the policy is stuck
             raise PairsError(f"could not make {n_pairs} distinct ended pairs (made {len(rows)}): "
                              f"does the policy end its responses within --max-new-tokens "
                              f"{max_new_tokens}?")
+        made = len(rows)
         chunk = [order[(cursor + i) % len(order)] for i in range(max(1, batch_size // k))]
         cursor += len(chunk)
         group = [p for p in chunk for _ in range(k)]  # k samples per prompt, side by side
@@ -128,6 +131,7 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
                         continue
                     chosen, rejected = label_pair(p, a, b, rng)
                     rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
+        barren = barren + 1 if len(rows) == made else 0
     return rows
 
 
@@ -172,11 +176,11 @@ class RMConfig:
     n_pairs: int = 16000              # training pairs to sample
     n_val_pairs: int = 400            # validation pairs (from validation prompts)
     n_test_pairs: int = 800           # test pairs (from test prompts)
-    responses_per_prompt: int = 8     # k responses per training prompt, all k(k-1)/2 pairs labelled
+    responses_per_prompt: int = 3     # k responses per training prompt, all k(k-1)/2 pairs labelled
     pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
     max_new_tokens: int = 64          # response budget when sampling pairs
     # optimisation
-    max_steps: int = 900              # optimizer steps (early stopping may end sooner)
+    max_steps: int = 600              # optimizer steps (early stopping may end sooner)
     batch_size: int = 64              # pairs per step
     lr: float = 5e-4                  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1         # cosine decays to lr * this

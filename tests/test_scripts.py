@@ -4,6 +4,7 @@ that was never interrupted (CPU, same seed)."""
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -170,7 +171,15 @@ def test_dpo_trains_and_resumes(tmp_path, monkeypatch, sft_dir, rm_dir):
     """DPO on the RM stage's pairs: the training implicit-reward margin grows from 0, eval.json has
     the test-pair accuracy and the gold numbers, and an interrupted run resumes to the same
     weights as an uninterrupted one."""
-    data = os.path.join(rm_dir, "prefs.jsonl")
+    # one batch of 8 pairs seen at every step, so the last step's margin is measured on pairs the
+    # policy has trained on (a fresh batch's margin is generalisation, and may be either sign)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    lines = open(os.path.join(rm_dir, "prefs.jsonl")).readlines()[:DPO["batch_size"]]
+    (data_dir / "prefs.jsonl").write_text("".join(lines))
+    for name in ("prefs_val.jsonl", "prefs_test.jsonl"):
+        shutil.copy(os.path.join(rm_dir, name), data_dir / name)
+    data = str(data_dir / "prefs.jsonl")
     cfg = train_dpo.DPOConfig(out=str(tmp_path / "a"), sft=sft_dir, data=data, **DPO)
     res = train_dpo.train(cfg)
     assert "accuracy" in res["test_pairs"] and "kl" in res["sampled"]
