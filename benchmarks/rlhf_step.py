@@ -46,7 +46,6 @@ import copy
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -60,12 +59,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, fail, start  # noqa: E402
 import train_dpo  # noqa: E402
 import train_ppo  # noqa: E402
 from hf_twin import (hf_available, hf_lm, hf_scalar, hf_tokenizer, offline,  # noqa: E402
                      prompt_text, same_ids)
-from minirlhf.config import format_config, parse_config  # noqa: E402
-from minirlhf.device import autocast, resolve_device  # noqa: E402
+from minirlhf.config import format_config  # noqa: E402
+from minirlhf.device import autocast  # noqa: E402
 from minirlhf.masking import masked_whiten  # noqa: E402
 from minirlhf.model import GPT, GPTConfig, ScalarHeadModel  # noqa: E402
 from minirlhf.rl import gae, group_baseline_advantages, kl_k1  # noqa: E402
@@ -379,14 +379,7 @@ def run_trl(model_cfg, prompts, rows_ours, tok, cfg, device, runners, result):
 
 
 def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, prog=PROG)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    cfg, device = start(BenchConfig, argv, PROG)
     if not cfg.json:
         print(format_config(cfg))
     tok = world_tokenizer(512)
@@ -395,9 +388,8 @@ def main(argv=None):
     picked = rng.choice(len(world.train_prompts), size=cfg.prompts, replace=False)
     prompts = [world.train_prompts[i].text for i in picked]
     if max(len(tok.render_prompt(p)) for p in prompts) + cfg.new_tokens > model_cfg.block_size:
-        print(f"{PROG}: error: --new-tokens {cfg.new_tokens} leaves no room for the prompts in "
-              f"block_size {model_cfg.block_size}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(PROG, f"--new-tokens {cfg.new_tokens} leaves no room for the prompts in "
+                   f"block_size {model_cfg.block_size}")
     batch_prompts = [tok.render_prompt(p) for p in prompts for _ in range(cfg.samples)]
     picked = [world.train_prompts[i]
               for i in rng.integers(len(world.train_prompts), size=cfg.pairs)]
@@ -445,12 +437,7 @@ def main(argv=None):
                         "--minibatch-size B (TRL 1.16 has no PPOTrainer)",
             "trl_dpo": "TRL DPOTrainer (precompute_ref_log_probs) vs a train_dpo.py step"},
         "skipped": skipped,
-        "device": device.type,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(device),
     }
     print(json.dumps(report) if cfg.json else json.dumps(report, indent=1))
     return report

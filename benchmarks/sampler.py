@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,8 +26,10 @@ from typing import Literal
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minirlhf.config import format_config, parse_config  # noqa: E402
-from minirlhf.device import autocast, resolve_device  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, fail, start  # noqa: E402
+from minirlhf.config import format_config  # noqa: E402
+from minirlhf.device import autocast  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.sampler import generate  # noqa: E402
 
@@ -58,11 +59,6 @@ class BenchConfig:
                              "must be at least 1")
 
 
-def fail(message: str):
-    """One error line and exit code 2, like a bad flag."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
 
 def timed_generate(model, prompts, cfg, device, use_cache):
     """One generation; returns (seconds, tokens)."""
@@ -79,17 +75,11 @@ def timed_generate(model, prompts, cfg, device, use_cache):
 
 
 def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, prog=PROG)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        fail(str(e))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    cfg, device = start(BenchConfig, argv, PROG)
     model_cfg, default_prompt = SHAPES[cfg.shape]
     prompt_len = cfg.prompt_len or default_prompt
     if prompt_len + cfg.new_tokens > model_cfg.block_size:
-        fail(f"prompt {prompt_len} + {cfg.new_tokens} new tokens exceed block_size "
+        fail(PROG, f"prompt {prompt_len} + {cfg.new_tokens} new tokens exceed block_size "
              f"{model_cfg.block_size}")
     if not cfg.json:
         print(format_config(cfg))
@@ -127,12 +117,7 @@ def main(argv=None):
         "speedup_cache_over_naive": round(result["cache_tokens_per_s"]
                                           / result["naive_tokens_per_s"], 2),
         "same_tokens": bool(torch.equal(tokens["naive"], tokens["cache"])),
-        "device": device.type,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(device),
     }
     if cfg.json:
         print(json.dumps(report))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,9 +35,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, fail, start  # noqa: E402
 from hf_twin import hf_available, hf_lm, max_logit_diff, offline  # noqa: E402
-from minirlhf.config import format_config, parse_config  # noqa: E402
-from minirlhf.device import autocast, resolve_device  # noqa: E402
+from minirlhf.config import format_config  # noqa: E402
+from minirlhf.device import autocast  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 from minirlhf.sampler import generate, left_pad  # noqa: E402
 
@@ -70,10 +70,6 @@ class BenchConfig:
         if min(sizes + [self.repeats, self.new_tokens or 1, self.threads or 1]) < 1:
             raise ValueError("--batches, --repeats, --new-tokens and --threads must be >= 1")
 
-
-def fail(message: str):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def sync(device):
@@ -113,17 +109,11 @@ def timed(fn):
 
 
 def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, prog=PROG)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        fail(str(e))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    cfg, device = start(BenchConfig, argv, PROG)
     model_cfg, prompt_len, new_tokens = SHAPES[cfg.shape]
     new_tokens = cfg.new_tokens or new_tokens
     if prompt_len + new_tokens > model_cfg.block_size:
-        fail(f"prompt {prompt_len} + {new_tokens} new tokens exceed block_size "
+        fail(PROG, f"prompt {prompt_len} + {new_tokens} new tokens exceed block_size "
              f"{model_cfg.block_size}")
     batches = [int(b) for b in cfg.batches.split(",")]
     if not cfg.json:
@@ -197,12 +187,7 @@ def main(argv=None):
         "notes": "same weights; both tanh GELU; temperature 1, no top-k/top-p; HF bans its end "
                  "token until max_new_tokens (min_new_tokens), ours uses end id -1",
         "skipped": skipped,
-        "device": device.type,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "dtype": "bf16-autocast" if device.type == "cuda" else "float32",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(device),
     }
     if cfg.json:
         print(json.dumps(report))

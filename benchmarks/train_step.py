@@ -34,7 +34,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,8 +44,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from minirlhf.config import format_config, parse_config  # noqa: E402
-from minirlhf.device import autocast, resolve_device  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, fail, start  # noqa: E402
+from minirlhf.config import format_config  # noqa: E402
+from minirlhf.device import autocast  # noqa: E402
 import minirlhf.model as model_module  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
 
@@ -97,10 +98,6 @@ class Variant:
     causal: bool = True  # unpadded batches run SDPA with is_causal (False: the explicit mask)
 
 
-def fail(message: str):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
 
 def flops_per_token(model: GPT, T: int) -> float:
     """6·N + 12·L·H·Q·T (PaLM appendix B; nanoGPT's estimate_mfu). N leaves out the position
@@ -134,13 +131,7 @@ def sync(device):
 
 
 def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, prog=PROG)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as e:
-        fail(str(e))
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    cfg, device = start(BenchConfig, argv, PROG)
     batch, T, steps, warmup = DEFAULTS[(cfg.shape, device.type)]
     batch, T = cfg.batch or batch, cfg.seq_len or T
     steps = cfg.steps or steps
@@ -149,7 +140,7 @@ def main(argv=None):
     if device.type == "cuda":  # tensor cores like multiples of 64 (GPT-2: 50257 -> 50304 rows)
         model_cfg = replace(model_cfg, pad_vocab_multiple=64)
     if T > model_cfg.block_size:
-        fail(f"--seq-len {T} exceeds the shape's block_size {model_cfg.block_size}")
+        fail(PROG, f"--seq-len {T} exceeds the shape's block_size {model_cfg.block_size}")
     if not cfg.json:
         print(format_config(cfg))
 
@@ -239,11 +230,7 @@ def main(argv=None):
         "paths": results,
         "ratios": ratios,
         "skipped": skipped,
-        "device": device.type,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(device, dtype=False),
     }
     if cfg.json:
         print(json.dumps(report))
