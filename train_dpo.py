@@ -128,13 +128,13 @@ class DPOConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
     compile: bool = False             # torch.compile the policy (CUDA only)
     # objective
-    beta: float = 0.5                 # β: strength of the KL anchor implied by the loss
+    beta: float = 1.0                 # β: strength of the KL anchor implied by the loss (README: β sweep)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO, ipo = squared loss toward 1/(2β)
     label_smoothing: float = 0.0      # ε of conservative DPO (labels flipped with prob. ε)
     # optimisation
     max_steps: int = 300              # optimizer steps
     batch_size: int = 64              # pairs per step
-    lr: float = 1e-4                  # peak learning rate (AdamW)
+    lr: float = 2e-4                  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1         # cosine decays to lr * this
     warmup: int = 20                  # linear warmup steps
     weight_decay: float = 0.0         # AdamW weight decay (0: the KL anchor is the regulariser)

@@ -142,7 +142,7 @@ def main(argv=None):
             r = run_stage(f"ppo β={beta:g}", train_ppo, cfg, results, timings)
             frontier.append({"method": "PPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
                              "label": f"β={beta:g}"})
-        for beta in (0.03, 0.3, 1.0):
+        for beta in (0.1, 0.3, 3.0):
             cfg = dataclasses.replace(dpo_cfg, out=f"{out}/sweep/dpo_beta{beta:g}", beta=beta)
             r = run_stage(f"dpo β={beta:g}", train_dpo, cfg, results, timings)
             frontier.append({"method": "DPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
