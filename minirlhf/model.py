@@ -67,6 +67,12 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a LongTensor of row indices), in this order: the sampler
+        drops finished rows so that later steps compute nothing for them."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.mask, self.pos = self.mask[rows], self.pos[rows]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):

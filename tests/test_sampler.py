@@ -106,6 +106,33 @@ def test_sampling_with_and_without_cache_draws_the_same_tokens(seed, kw):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5), dict(temperature=0.7)])
+def test_dropping_finished_rows_changes_no_token(seed, kw):
+    """The cached path stops computing rows that have ended (it drops them from the KV cache);
+    with an end token most rows hit early, it still draws exactly the reference path's tokens and
+    log-probs, and the model really was run on fewer rows after the first ones ended."""
+    model, prompts = tiny_gpt(seed), ragged_prompts(seed, n=12)
+    N = 16
+    free = run(model, prompts, n=N, seed=seed, **kw)
+    P = free.prompt_len
+    def first_steps(tok):  # the step at which each row first samples tok (N if never)
+        hit = free.tokens[:, P:] == tok
+        return torch.where(hit.any(1), hit.float().argmax(1), N)
+    # the end token: a token many rows sample after step 0, at different steps
+    eos = max(range(1, V), key=lambda tok: len(set(first_steps(tok).tolist()) - {0, N}))
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    fast = run(model, prompts, n=N, seed=seed, eos_id=eos, use_cache=True, **kw)
+    hook.remove()
+    slow = run(model, prompts, n=N, seed=seed, eos_id=eos, use_cache=False, **kw)
+    assert 0 < int(fast.ended.sum())
+    assert torch.equal(fast.tokens, slow.tokens)
+    assert torch.equal(fast.response_mask, slow.response_mask)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+    assert batch_sizes[0] == len(prompts) and min(batch_sizes) < len(prompts)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_tiny_temperature_and_top_k_1_equal_greedy(seed):
     """As temperature -> 0 sampling becomes argmax; top_k=1 at temperature 1 is argmax too, and
     reports the untempered greedy log-probs."""
