@@ -11,8 +11,11 @@ All policies are judged the same way: four samples per held-out test prompt at t
 (what RLHF optimises; DESIGN.md), with greedy numbers beside them in each stage's eval.json.
 
 summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds"} (see the
-keys below), plus "frontier" (gold vs KL points) and "gap_closed" per method: the fraction of
-the SFT → optimum gold gap a policy closes.
+keys below), plus "frontier" (gold vs KL points), "gap_closed" per method (the fraction of the
+SFT → optimum gold gap a policy closes) and "kl_optimum": gold and KL of the closed-form optimum
+π_SFT·exp(r/β)/Z of lecture ch. 5 at several β, r the labeller's own utility — where PPO and DPO
+would end at their β with a perfect reward model (estimated by reweighting 64 SFT samples per
+test prompt, minirlhf/world.py `kl_optimum`).
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """
 from __future__ import annotations
@@ -31,7 +34,9 @@ import train_sft
 
 from .config import OneLineParser
 from .report import draw_all
+from .checkpoint import load_stage
 from .training import write_json
+from .world import World, kl_optimum
 from .world import stats as world_stats
 
 SCRIPTS = {train_sft.SFTConfig: "train_sft.py", train_rm.RMConfig: "train_rm.py",
@@ -106,6 +111,15 @@ def main(argv=None):
     dpo = run_stage("dpo", train_dpo, dpo_cfg, results, timings)
 
     world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
+    # the closed-form optimum of max E[r] − β·KL(π‖π_SFT) at each β, r the labeller's utility
+    # (minirlhf/world.py kl_optimum): what PPO and DPO could reach at their β with a perfect reward
+    t0 = time.time()
+    sft_policy, tok, _ = load_stage(f"{out}/sft", "gpt", args.device)
+    betas = sorted({0.1, 0.2, 0.5, 1.0, 2.0, 4.0, ppo_cfg.kl_coef, dpo_cfg.beta})
+    curve = kl_optimum(sft_policy, tok, World(args.seed).test_prompts, betas,
+                       samples_per_prompt=8 if args.quick else 64,
+                       max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed)
+    timings["kl_optimum"] = time.time() - t0
     summary = {
         "world": {"demonstrators_gold": world["styles"]["mixture"]["gold"],
                   "demonstrators_accuracy": world["styles"]["mixture"]["accuracy"],
@@ -148,9 +162,15 @@ def main(argv=None):
             frontier.append({"method": "DPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
                              "label": f"β={beta:g}"})
     summary["frontier"] = frontier
+    summary["kl_optimum"] = {"points": curve, "seconds": timings["kl_optimum"],
+                             "ppo": next(c for c in curve if c["beta"] == ppo_cfg.kl_coef),
+                             "dpo": next(c for c in curve if c["beta"] == dpo_cfg.beta)}
+    for m in ("ppo", "dpo"):
+        summary["kl_optimum"][m]["gap_closed"] = ((summary["kl_optimum"][m]["gold"]
+                                                   - summary["sft"]["gold"]) / gap if gap > 0 else None)
     summary["total_seconds"] = time.time() - t_start
     os.makedirs(out, exist_ok=True)
-    figures = draw_all(out, summary, frontier)
+    figures = draw_all(out, summary, frontier, curve)
     write_json(os.path.join(out, "summary.json"), summary)
     print_table(summary)
     print("figures: " + ", ".join(figures))
@@ -182,6 +202,12 @@ def print_table(s: dict) -> None:
               f"{f(seconds, '8.0f'):>8}{extra}")
     print(f"proxy reward (RM) on test prompts: PPO {s['ppo']['proxy']:+.3f}, "
           f"PPO β=0 {s['ppo_no_kl']['proxy']:+.3f} | total {s['total_seconds']:.0f} s")
+    if "kl_optimum" in s:
+        o = s["kl_optimum"]
+        print("closed-form optimum π_SFT·exp(r/β)/Z with the labeller's own reward (what a perfect "
+              "reward model would allow):\n  " + " | ".join(
+                  f"{name} β={o[m]['beta']:g}: gold {o[m]['gold']:.3f}, KL {o[m]['kl']:.2f}, gap "
+                  f"closed {f(o[m]['gap_closed'], '.2f')}" for name, m in (("PPO", "ppo"), ("DPO", "dpo"))))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 - `losses.png`:      training (and validation) loss of SFT, the reward model and DPO
 - `hacking.png`:     PPO's proxy reward, gold score and KL per iteration, β > 0 beside β = 0
 - `frontier.png`:    gold score against KL to the SFT model for every policy (a --sweep adds
-                     several β per method: the reward-vs-KL frontier of lecture ch. 5)
+                     several β per method: the reward-vs-KL frontier of lecture ch. 5), and
+                     the closed-form optimum π_SFT·exp(r/β)/Z at each β as a line
 - `calibration.png`: the reward model's predicted preference probability vs the observed rate
 Left out: interactive plots; every figure is a plain PNG a README can link.
 """
@@ -77,10 +78,19 @@ def plot_hacking(run: str, path: str) -> str:
     return path
 
 
-def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str) -> str:
-    """points: {"label", "method", "kl", "gold"}; one marker style per method."""
+def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str,
+                  curve: list[dict] | None = None) -> str:
+    """points: {"label", "method", "kl", "gold"}; one marker style per method.
+    curve: {"beta", "kl", "gold"} of the closed-form optimum π_SFT·exp(r/β)/Z, drawn as a line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    if curve:
+        curve = sorted(curve, key=lambda c: c["kl"])
+        ax.plot([c["kl"] for c in curve], [c["gold"] for c in curve], "-", color="tab:purple",
+                lw=1, alpha=0.7, label="π* at each β (perfect reward)")
+        for c in curve:
+            ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6, color="tab:purple",
+                        xytext=(2, -8), textcoords="offset points")
     styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
               "DPO": ("tab:green", "^")}
     seen = set()
@@ -120,14 +130,15 @@ def plot_calibration(rows: list[dict], path: str) -> str:
     return path
 
 
-def draw_all(run: str, summary: dict, frontier_points: list[dict]) -> list[str]:
+def draw_all(run: str, summary: dict, frontier_points: list[dict],
+             curve: list[dict] | None = None) -> list[str]:
     out = os.path.join(run, "figures")
     os.makedirs(out, exist_ok=True)
     paths = [plot_losses(run, os.path.join(out, "losses.png")),
              plot_hacking(run, os.path.join(out, "hacking.png")),
              plot_frontier(frontier_points, summary["world"]["optimum_gold"],
                            summary["world"]["demonstrators_gold"],
-                           os.path.join(out, "frontier.png"))]
+                           os.path.join(out, "frontier.png"), curve)]
     rm_eval = os.path.join(run, "rm", "eval.json")
     if os.path.exists(rm_eval):
         rows = json.load(open(rm_eval)).get("calibration")
@@ -139,5 +150,6 @@ def draw_all(run: str, summary: dict, frontier_points: list[dict]) -> list[str]:
 if __name__ == "__main__":
     run = sys.argv[1] if len(sys.argv) > 1 else "out/pipeline"
     summary = json.load(open(os.path.join(run, "summary.json")))
-    for p in draw_all(run, summary, summary.get("frontier", [])):
+    for p in draw_all(run, summary, summary.get("frontier", []),
+                      summary.get("kl_optimum", {}).get("points")):
         print(p)

@@ -620,6 +620,65 @@ def final_evaluation(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=No
     return out
 
 
+def tilt(scores: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Self-normalised weights of K samples per prompt under π* ∝ π·exp(r/β) (lecture ch. 5).
+
+    scores: (P, K) rewards r of K responses sampled from π for each of P prompts
+    returns weights (P, K), each row summing to 1 (∝ exp(r/β)), and the KL(π*‖π) estimate
+            (P,) Σ_k w_k·log(K·w_k): 0 for uniform weights, at most log K
+    """
+    z = scores / beta
+    w = np.exp(z - z.max(axis=1, keepdims=True))  # max subtracted: no overflow for small β
+    w /= w.sum(axis=1, keepdims=True)
+    K = scores.shape[1]
+    kl = np.sum(np.where(w > 0, w * np.log(np.maximum(w * K, 1e-300)), 0.0), axis=1)
+    return w, kl
+
+
+def kl_optimum(policy, tokenizer, prompts: Sequence[PromptLike], betas: Sequence[float], *,
+               samples_per_prompt: int = 64, max_new_tokens: int = 64, seed: int = 0) -> list[dict]:
+    """What the KL-regularised objective max_π E[r] − β·KL(π‖π_ref) is worth at each β, with
+    π_ref = `policy` and r the labeller's own utility, gold / BT_TEMPERATURE (the scale on which
+    preference labels are drawn, and so the scale a perfect reward model learns).
+
+    Its optimum has the closed form π*(y|x) = π_ref(y|x)·exp(r(x, y)/β)/Z(x) (lecture ch. 5; DPO
+    paper eq. 4): the target DPO at β converges to with unlimited pairs, and PPO at β with a
+    perfect reward model. It is estimated by sampling K responses per prompt from π_ref at
+    temperature 1 and weighting each by exp(r/β) (`tilt`). With finite K the estimate can pick
+    only among the samples, so gold is a slight underestimate and KL is at most log K.
+    Returns [{"beta", "gold", "accuracy", "kl"}] in the order of `betas`.
+    """
+    import torch
+    from .sampler import generate
+
+    device = next(policy.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = policy.training
+    policy.eval()
+    golds, accs = [], []
+    per_batch = max(1, 512 // samples_per_prompt)
+    for i in range(0, len(prompts), per_batch):
+        chunk = [lookup(p) for p in prompts[i:i + per_batch]]
+        g = generate(policy, [tokenizer.render_prompt(p.text) for p in chunk
+                              for _ in range(samples_per_prompt)], max_new_tokens,
+                     eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id, temperature=1.0,
+                     generator=gen)
+        texts = [tokenizer.decode(ids) for ids in g.responses()]
+        for j, (text, ended) in enumerate(zip(texts, g.ended.tolist())):
+            p = chunk[j // samples_per_prompt]
+            golds.append(gold_reward(p, text, ended))
+            accs.append(float(correct(p, text)))
+    policy.train(was_training)
+    golds = np.array(golds).reshape(-1, samples_per_prompt)                    # (P, K)
+    accs = np.array(accs).reshape(-1, samples_per_prompt)
+    out = []
+    for beta in betas:
+        w, kl = tilt(golds / BT_TEMPERATURE, beta)
+        out.append({"beta": float(beta), "gold": float((w * golds).sum(1).mean()),
+                    "accuracy": float((w * accs).sum(1).mean()), "kl": float(kl.mean())})
+    return out
+
+
 def stats(seed: int = 0, per_prompt: int = 50) -> dict:
     """Demonstrator numbers on the test prompts (the ones we report), per style and overall."""
     world, rng = World(seed), np.random.default_rng(seed)

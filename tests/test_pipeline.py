@@ -29,6 +29,11 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py"):
         assert f"$ python {script} --out {out}" in printed
     assert "--kl-coef 0.0" in printed  # the β = 0 run is the same script with one flag changed
+    curve = on_disk["kl_optimum"]["points"]  # the closed-form optimum at each β
+    assert len(curve) >= 4 and all(math.isfinite(c[k]) for c in curve for k in ("gold", "kl"))
+    golds = [c["gold"] for c in sorted(curve, key=lambda c: c["beta"])]
+    assert golds == sorted(golds, reverse=True)  # smaller β, weaker anchor: never less gold
+    assert on_disk["kl_optimum"]["ppo"]["beta"] == 0.2 and on_disk["kl_optimum"]["dpo"]["beta"] == 1
     for name in ("losses", "hacking", "frontier", "calibration"):
         path = os.path.join(out, "figures", f"{name}.png")
         assert os.path.getsize(path) > 1000

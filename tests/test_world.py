@@ -260,3 +260,57 @@ def test_export_writes_readable_files(tmp_path, capsys):
         assert [r["prompt"] for r in rows] == [p.text for p in World(2).split(split)]
     W.main(["stats", "--per-prompt", "2"])
     assert "Bayes accuracy" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The closed-form KL-regularised optimum π* ∝ π_ref·exp(r/β), estimated by reweighting samples
+
+score_rows = st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=12)
+
+
+@given(score_rows, st.floats(0.05, 20))
+def test_tilt_weights_are_exp_r_over_beta_normalised(row, beta):
+    scores = np.array([row])
+    w, kl = W.tilt(scores, beta)
+    assert w.sum() == pytest.approx(1.0)
+    i, j = int(np.argmax(row)), int(np.argmin(row))
+    assert w[0, i] / w[0, j] == pytest.approx(math.exp((row[i] - row[j]) / beta), rel=1e-6)
+    assert -1e-9 <= kl[0] <= math.log(len(row)) + 1e-9
+
+
+@given(score_rows, st.floats(0.05, 5), st.floats(1.01, 10))
+def test_tilted_mean_rises_as_beta_falls(row, beta, factor):
+    """d/dβ E_π*[r] = −Var_π*[r]/β² ≤ 0: a weaker KL anchor never buys less reward."""
+    scores = np.array([row])
+    strong, _ = W.tilt(scores, beta * factor)
+    weak, _ = W.tilt(scores, beta)
+    assert (weak * scores).sum() >= (strong * scores).sum() - 1e-9
+
+
+def test_tilt_limits_and_extremes():
+    scores = np.array([[0.0, 1.0, 3.0, 2.0]])
+    w, kl = W.tilt(scores, 1e6)                       # β → ∞: π* = π_ref, KL 0
+    np.testing.assert_allclose(w, 0.25, atol=1e-5)
+    assert kl[0] == pytest.approx(0.0, abs=1e-9)
+    w, kl = W.tilt(scores, 1e-3)                      # β → 0: all mass on the best sample
+    np.testing.assert_allclose(w, [[0, 0, 1, 0]], atol=1e-9)
+    assert kl[0] == pytest.approx(math.log(4))
+    w, kl = W.tilt(np.array([[1e4, -1e4]]), 1e-2)    # no overflow at extreme r/β
+    assert np.isfinite(w).all() and np.isfinite(kl).all()
+
+
+def test_tilted_samples_estimate_the_exact_optimum_of_a_categorical():
+    """Sampling from π_ref and reweighting by exp(r/β) gives E_π*[r] and KL(π*‖π_ref) of the
+    exact π* = π_ref·exp(r/β)/Z (enumerated here over 5 actions)."""
+    rng = np.random.default_rng(0)
+    p_ref = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    r = np.array([0.0, 1.0, -1.0, 2.0, 3.0])
+    for beta in (0.5, 1.0, 2.0):
+        p_star = p_ref * np.exp(r / beta)
+        p_star /= p_star.sum()
+        exact_reward = float(p_star @ r)
+        exact_kl = float(p_star @ np.log(p_star / p_ref))
+        actions = rng.choice(5, size=(1, 200_000), p=p_ref)
+        w, kl = W.tilt(r[actions], beta)
+        assert (w * r[actions]).sum() == pytest.approx(exact_reward, abs=0.02)
+        assert kl[0] == pytest.approx(exact_kl, abs=0.02)
