@@ -3,6 +3,12 @@
     python benchmarks/sampler.py                         # ~1M-parameter GPT, batch 16, CPU or GPU
     python benchmarks/sampler.py --json                  # one JSON object on stdout
     python benchmarks/sampler.py --shape gpt2 --device cuda --repeats 5   # GPT-2 124M shape
+    python benchmarks/sampler.py --policy out/pipeline/sft --batch 512    # a trained policy
+
+With `--policy` (a trained stage of the built-in world) the workload is real instead: the
+world's training prompts, responses that end at the end token, and the cached path timed with
+and without dropping finished rows from the batch (`generate(..., drop_finished=False)` keeps
+running the model on them, as the first version of the sampler did).
 
 Both paths generate `new_tokens` tokens for every row (the end id is -1, which is never sampled,
 so no row stops early) from the same random left-padded prompts and the same generator seed.
@@ -50,6 +56,8 @@ class BenchConfig:
     repeats: int = 5                                   # timed runs per path; the median is kept
     seed: int = 0                                      # prompts and sampling
     threads: int | None = None                         # CPU threads for torch (none: default)
+    policy: str | None = None                          # a trained stage: real prompts, real ends
+    max_new_tokens: int = 64                           # with --policy: the response budget
     json: bool = False                                 # print one JSON object and nothing else
 
     def check(self):
@@ -74,8 +82,56 @@ def timed_generate(model, prompts, cfg, device, use_cache):
     return time.perf_counter() - t0, out.tokens
 
 
+def policy_workload(cfg, device) -> dict:
+    """--policy: one trained model on the world's training prompts, the cached path with and
+    without dropping finished rows (same generator seed: the same tokens either way)."""
+    from minirlhf.checkpoint import CheckpointError, load_stage
+    from minirlhf.world import World
+    try:
+        model, tok, _ = load_stage(cfg.policy, "gpt", device)
+    except (CheckpointError, FileNotFoundError) as e:
+        fail(PROG, str(e))
+    model.eval()
+    train = World(cfg.seed).train_prompts
+    prompts = [tok.render_prompt(train[i % len(train)].text) for i in range(cfg.batch)]
+
+    def once(drop):
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast(device):
+            out = generate(model, prompts, cfg.max_new_tokens, eos_id=tok.end_id, pad_id=tok.pad_id,
+                           temperature=1.0, generator=gen, drop_finished=drop)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    result, outs = {}, {}
+    for name, drop in (("keep_finished", False), ("drop_finished", True)):
+        once(drop)  # warm-up
+        runs = [once(drop) for _ in range(cfg.repeats)]
+        result[f"{name}_seconds"] = round(statistics.median(s for s, _ in runs), 4)
+        outs[name] = runs[0][1]
+    lengths = outs["drop_finished"].response_mask.sum(1).float()
+    return {"benchmark": "sampler_policy", "policy": cfg.policy,
+            "params": sum(p.numel() for p in model.parameters()), "batch": cfg.batch,
+            "max_new_tokens": cfg.max_new_tokens, "repeats": cfg.repeats,
+            "mean_response_tokens": round(float(lengths.mean()), 2),
+            "longest_response_tokens": int(lengths.max()), **result,
+            "speedup_drop_over_keep": round(result["keep_finished_seconds"]
+                                            / result["drop_finished_seconds"], 2),
+            "same_tokens": bool(torch.equal(outs["keep_finished"].tokens,
+                                            outs["drop_finished"].tokens)),
+            **environment(device)}
+
+
 def main(argv=None):
     cfg, device = start(BenchConfig, argv, PROG)
+    if cfg.policy:
+        report = policy_workload(cfg, device)
+        print(json.dumps(report) if cfg.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+        return report
     model_cfg, default_prompt = SHAPES[cfg.shape]
     prompt_len = cfg.prompt_len or default_prompt
     if prompt_len + cfg.new_tokens > model_cfg.block_size:

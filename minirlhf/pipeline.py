@@ -35,6 +35,7 @@ import train_sft
 from .config import OneLineParser
 from .report import draw_all
 from .checkpoint import load_stage
+from .device import resolve_device
 from .training import write_json
 from .world import World, kl_optimum
 from .world import stats as world_stats
@@ -114,7 +115,7 @@ def main(argv=None):
     # the closed-form optimum of max E[r] − β·KL(π‖π_SFT) at each β, r the labeller's utility
     # (minirlhf/world.py kl_optimum): what PPO and DPO could reach at their β with a perfect reward
     t0 = time.time()
-    sft_policy, tok, _ = load_stage(f"{out}/sft", "gpt", args.device)
+    sft_policy, tok, _ = load_stage(f"{out}/sft", "gpt", resolve_device(args.device))
     betas = sorted({0.1, 0.2, 0.5, 1.0, 2.0, 4.0, ppo_cfg.kl_coef, dpo_cfg.beta})
     curve = kl_optimum(sft_policy, tok, World(args.seed).test_prompts, betas,
                        samples_per_prompt=8 if args.quick else 64,

@@ -90,14 +90,16 @@ def _pick(logits, temperature, top_k, top_p, generator):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             drop_finished: bool = True) -> Generation:
     """Sample up to `max_new_tokens` per prompt; a row stops at its first `eos_id`.
 
     `temperature=0` is greedy decoding. The generator (on the model's device) makes sampling
     reproducible. Finished rows keep receiving `pad_id`, masked out of attention and outputs;
     the cached path also stops running the model on them (it drops them from the cache once a
     quarter of its rows have ended: 2.8x faster on the built-in world, where the longest of 512
-    responses is ~4x the mean), without changing a single sampled token.
+    responses is ~4x the mean), without changing a single sampled token. `drop_finished=False`
+    keeps running them (benchmarks/sampler.py --policy times both).
     """
     device = next(model.parameters()).device
     prompt_tokens, prompt_mask = left_pad(prompts, pad_id, device)                 # (B, P)
@@ -122,9 +124,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
             logits = model(tokens[:, :P], attn_mask[:, :P], cache=cache)[:, -1]   # prefill
         else:
             going = ~done[rows]                          # (A,) which cached rows go on
-            if 4 * int((~going).sum()) >= len(rows):     # a quarter of them finished: drop
-                rows = rows[going]                       # those (copies stay geometric)
-                cache.keep(going.nonzero().squeeze(1))
+            if drop_finished and 4 * int((~going).sum()) >= len(rows):
+                rows = rows[going]  # a quarter of the cached rows ended: drop them (a quarter
+                cache.keep(going.nonzero().squeeze(1))  # at a time, so copying stays cheap)
             out = model(tokens[rows, t - 1:t], attn_mask[rows, t - 1:t], cache=cache)[:, -1]
             # finished rows get uniform dummy logits: every row still draws from the generator
             # as before, so dropping rows changes no sample (the reference path drops nothing)
