@@ -552,7 +552,7 @@ def world_tokenizer(vocab_size: int = 512, seed: int = 0, cache_dir: str | None 
 
 def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
-             seed: int = 0, n_samples: int = 0, repeats: int = 1) -> dict:
+             seed: int = 0, n_samples: int = 0, repeats: int = 1, per_sample: bool = False) -> dict:
     """Sample one response per prompt and judge it.
 
     Returns mean gold score, accuracy, mean response length (tokens, end excluded), the fraction
@@ -561,6 +561,8 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
     lecture ch. 5; unbiased because the responses are sampled from π). `samples` holds the first
     `n_samples` (prompt, response, gold) for printing. `repeats` samples each prompt that many
     times (a lower-variance estimate on a small prompt set; greedy decoding needs only 1).
+    `per_sample` adds every sample's gold and correctness as arrays "golds" and "correct", in
+    prompt order with a prompt's repeats side by side.
     """
     import torch
     from .masking import token_logprobs
@@ -600,6 +602,8 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
         out["kl"] = float(np.mean(kls))
     if n_samples:
         out["samples"] = samples
+    if per_sample:
+        out["golds"], out["correct"] = np.array(golds), np.array(accs)
     return out
 
 
@@ -648,29 +652,10 @@ def kl_optimum(policy, tokenizer, prompts: Sequence[PromptLike], betas: Sequence
     only among the samples, so gold is a slight underestimate and KL is at most log K.
     Returns [{"beta", "gold", "accuracy", "kl"}] in the order of `betas`.
     """
-    import torch
-    from .sampler import generate
-
-    device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = policy.training
-    policy.eval()
-    golds, accs = [], []
-    per_batch = max(1, 512 // samples_per_prompt)
-    for i in range(0, len(prompts), per_batch):
-        chunk = [lookup(p) for p in prompts[i:i + per_batch]]
-        g = generate(policy, [tokenizer.render_prompt(p.text) for p in chunk
-                              for _ in range(samples_per_prompt)], max_new_tokens,
-                     eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id, temperature=1.0,
-                     generator=gen)
-        texts = [tokenizer.decode(ids) for ids in g.responses()]
-        for j, (text, ended) in enumerate(zip(texts, g.ended.tolist())):
-            p = chunk[j // samples_per_prompt]
-            golds.append(gold_reward(p, text, ended))
-            accs.append(float(correct(p, text)))
-    policy.train(was_training)
-    golds = np.array(golds).reshape(-1, samples_per_prompt)                    # (P, K)
-    accs = np.array(accs).reshape(-1, samples_per_prompt)
+    K = samples_per_prompt
+    r = evaluate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                 batch_size=max(1, 512 // K) * K, repeats=K, per_sample=True)
+    golds, accs = r["golds"].reshape(-1, K), r["correct"].reshape(-1, K)      # (P, K)
     out = []
     for beta in betas:
         w, kl = tilt(golds / BT_TEMPERATURE, beta)

@@ -314,3 +314,23 @@ def test_tilted_samples_estimate_the_exact_optimum_of_a_categorical():
         w, kl = W.tilt(r[actions], beta)
         assert (w * r[actions]).sum() == pytest.approx(exact_reward, abs=0.02)
         assert kl[0] == pytest.approx(exact_kl, abs=0.02)
+
+
+def test_evaluate_per_sample_scores_are_the_judged_samples():
+    """evaluate(..., repeats=K, per_sample=True) returns each sample's gold and correctness in
+    prompt order, a prompt's K samples side by side: their means are the reported gold and
+    accuracy, and each is the judge's verdict on the sample it belongs to."""
+    import torch
+    from minirlhf.model import GPT, GPTConfig
+    tok = W.world_tokenizer(512)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=1,
+                           n_embd=16))
+    prompts, K = World(0).test_prompts[:5], 3
+    r = W.evaluate(policy, tok, prompts, max_new_tokens=8, batch_size=4, repeats=K,
+                   n_samples=len(prompts) * K, per_sample=True)
+    assert r["golds"].shape == r["correct"].shape == (len(prompts) * K,)
+    assert r["golds"].mean() == pytest.approx(r["gold"]) and r["correct"].mean() == r["accuracy"]
+    for i, s in enumerate(r["samples"]):
+        assert s["prompt"] == prompts[i // K].text and s["gold"] == r["golds"][i]
+        assert r["correct"][i] == correct(s["prompt"], s["response"])
