@@ -51,8 +51,9 @@ import secrets
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
+from minirlhf.tokenizer import ASSISTANT, HUMAN  # the turn markers of Anthropic HH dialogues
+
 ROLES = ("system", "user", "assistant")
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # the turn markers of Anthropic HH dialogues
 
 
 class DataError(ValueError):

@@ -36,6 +36,7 @@ import tiktoken
 # GPT-2's pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ["<|bos|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # GPT-2 chat template: HH turn markers
 
 
 class TokenizerError(ValueError):
@@ -249,9 +250,9 @@ class Tokenizer:
         earlier turns included) is used as it is, so the markers are never doubled."""
         if self.kind == "world":
             return [self.bos_id, self.user_id] + self.encode(prompt) + [self.assistant_id]
-        if prompt.endswith("\n\nAssistant:"):
+        if prompt.endswith(ASSISTANT):
             return self.encode(prompt)
-        return self.encode(f"\n\nHuman: {prompt}\n\nAssistant:")
+        return self.encode(f"{HUMAN} {prompt}{ASSISTANT}")
 
     def render(self, prompt: str, response: str, end: bool = True) -> tuple[list[int], int]:
         """prompt + response (+ end token) -> (ids, n_prompt); ids[n_prompt:] is the response.
