@@ -14,7 +14,7 @@ starts as the reward model). One iteration is three phases, labelled in the loop
   1. rollout (no grad): sample responses, score them with r_φ, record log π_θold, log π_ref, V;
   2. advantages: per-token reward −β·(log π_θ − log π_ref) plus r_φ(x, y) on the last token,
      then GAE(γ, λ) and whitening — or the lecture's bandit form A = R − V(x), or RLOO;
-  3. update: a few epochs over shuffled minibatches of L_PPO = L^CLIP − c1·L^VF + c2·H.
+  3. update: shuffled minibatches of the rollout (--epochs passes), L_PPO = L^CLIP − c1·L^VF + c2·H.
 Every iteration logs the proxy reward (r_φ), the KL to the reference, the PPO diagnostics, and
 the gold judge's score of the same rollouts, so reward hacking is visible when it happens.
 
@@ -194,7 +194,7 @@ class PPOConfig:
     compile: bool = False             # torch.compile the policy (CUDA only)
     # rollout
     iterations: int = 100             # PPO iterations (rollout + update each)
-    prompts_per_iter: int = 16        # prompts sampled per iteration
+    prompts_per_iter: int = 32        # prompts sampled per iteration
     samples_per_prompt: int = 4       # responses per prompt (k; the group baseline needs k >= 2)
     max_new_tokens: int = 48          # response budget
     temperature: float = 1.0          # sampling temperature (1 = the policy π_θ itself)
@@ -209,7 +209,7 @@ class PPOConfig:
     lam: float = 0.95                 # GAE λ
     whiten: bool = True               # normalise advantages over the batch's real tokens
     # update
-    epochs: int = 2                   # passes over each rollout
+    epochs: int = 1                   # passes over each rollout (see the note under the fields)
     minibatch_size: int = 32          # responses per gradient step
     clip_eps: float = 0.2             # ε of L^CLIP
     vf_coef: float = 0.5              # c1, weight of the value loss
@@ -223,6 +223,12 @@ class PPOConfig:
     # logging
     eval_every: int = 20              # iterations between held-out gold evaluations
     ckpt_every: int = 20              # iterations between checkpoints (and at the end)
+    # Rollout size and epochs, measured on the built-in world (same SFT and reward model, seeds
+    # 0 and 1, 100 iterations): 16 prompts x 4 with 2 epochs closed 33% and 38% of the SFT ->
+    # optimum gold gap; 32 prompts x 4 with 1 epoch (the same 4 minibatch steps, on twice the
+    # samples, none reused) 46% and 47%, for ~1.3x the time per iteration; minibatches of 64
+    # (2 steps per iteration) 38%. The minibatches after the first are already off-policy, so the
+    # ratio and its clipping still act with one epoch.
 
     def check(self):
         check_ranges(self, positive=("iterations", "prompts_per_iter", "samples_per_prompt",

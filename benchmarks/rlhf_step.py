@@ -10,8 +10,8 @@ its 517-token BPE) with random weights, on the world's prompts; every response h
 sides do the same amount of work.
 
 Ours, built from the project's own functions (train_ppo.py, train_dpo.py, minirlhf/):
-- `ppo`: one iteration of train_ppo.py with its defaults (GAE with a value model, 2 epochs of
-  minibatches of 32 over B = prompts × samples responses), in the phases of its loop:
+- `ppo`: one iteration of train_ppo.py with its defaults (GAE with a value model, its --epochs
+  passes over minibatches of 32 of B = prompts × samples responses), in the phases of its loop:
   generate | logprobs_values (π_θold, π_ref, V_ψ forwards) | score (r_φ) | advantages | update.
   The loop body is restated here (train_ppo.train is one function), without logging and the
   gold judge; keep the two in step.

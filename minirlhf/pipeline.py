@@ -101,7 +101,11 @@ def main(argv=None):
     rm_cfg = shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True, **common))
     ppo_cfg = shrink(train_ppo.PPOConfig(out=f"{out}/ppo", sft=f"{out}/sft", rm=f"{out}/rm",
                                          **common))
-    hack_cfg = dataclasses.replace(ppo_cfg, out=f"{out}/ppo_no_kl", kl_coef=0.0)
+    # β = 0 stops at 60 iterations: by then the proxy reward is far above PPO's and the gold score
+    # far below SFT's (measured: proxy 2.05 vs 1.2, gold 0.12, KL 41 nats); the remaining 40 of
+    # a 100-iteration run only deepen the collapse, at 65 s more
+    hack_cfg = dataclasses.replace(ppo_cfg, out=f"{out}/ppo_no_kl", kl_coef=0.0,
+                                   iterations=min(ppo_cfg.iterations, 60))
     dpo_cfg = shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
                                          data=f"{out}/rm/prefs.jsonl", **common))
 
