@@ -68,7 +68,8 @@ def rm_flags(d):
 def ppo_flags(d):
     return ["--sft", d["sft"], "--rm", d["rm"], "--iterations", "8", "--prompts-per-iter", "2",
             "--samples-per-prompt", "2", "--max-new-tokens", "16", "--minibatch-size", "2",
-            "--epochs", "2", "--eval-every", "4", "--ckpt-every", "2", "--adaptive-kl", "--device", "cpu"]
+            "--epochs", "2", "--eval-every", "4", "--ckpt-every", "2", "--adaptive-kl",
+            "--device", "cpu"]
 
 
 def dpo_flags(d):
