@@ -15,7 +15,9 @@ keys below), plus "frontier" (gold vs KL points), "gap_closed" per method (the f
 SFT → optimum gold gap a policy closes) and "kl_optimum": gold and KL of the closed-form optimum
 π_SFT·exp(r/β)/Z of lecture ch. 5 at several β, r the labeller's own utility — where PPO and DPO
 would end at their β with a perfect reward model (estimated by reweighting 64 SFT samples per
-test prompt, minirlhf/world.py `kl_optimum`).
+test prompt, minirlhf/world.py `kl_optimum`), and the same optimum with the trained reward
+model's score in place of the labeller's ("reward_model"): where PPO at its β would end with the
+reward model it has, however well it optimised.
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ import train_sft
 from .config import OneLineParser
 from .report import draw_all
 from .checkpoint import load_stage
-from .device import resolve_device
+from .device import autocast, resolve_device
 from .training import write_json
 from .world import World, kl_optimum
 from .world import stats as world_stats
@@ -118,12 +120,22 @@ def main(argv=None):
     world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
     # the closed-form optimum of max E[r] − β·KL(π‖π_SFT) at each β, r the labeller's utility
     # (minirlhf/world.py kl_optimum): what PPO and DPO could reach at their β with a perfect reward
+    # model; and with r = PPO's reward (the trained reward model, the no-end penalty): what PPO can
+    # reach with the reward model it was given
     t0 = time.time()
-    sft_policy, tok, _ = load_stage(f"{out}/sft", "gpt", resolve_device(args.device))
+    device = resolve_device(args.device)
+    sft_policy, tok, _ = load_stage(f"{out}/sft", "gpt", device)
+    reward_model = load_stage(f"{out}/rm", "scalar", device)[0].eval()
+
+    def ppo_reward(tokens, attn_mask, ended):  # as PPO's rollout scores a response (train_ppo.py)
+        with autocast(device):
+            score = reward_model.score(tokens, attn_mask).float()
+        return score + ppo_cfg.no_end_penalty * (~ended).float()
+
     betas = sorted({0.1, 0.2, 0.5, 1.0, 2.0, 4.0, ppo_cfg.kl_coef, dpo_cfg.beta})
     curve = kl_optimum(sft_policy, tok, World(args.seed).test_prompts, betas,
                        samples_per_prompt=8 if args.quick else 64,
-                       max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed)
+                       max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed, reward=ppo_reward)
     timings["kl_optimum"] = time.time() - t0
     summary = {
         "world": {"demonstrators_gold": world["styles"]["mixture"]["gold"],
@@ -170,9 +182,11 @@ def main(argv=None):
     summary["kl_optimum"] = {"points": curve, "seconds": timings["kl_optimum"],
                              "ppo": next(c for c in curve if c["beta"] == ppo_cfg.kl_coef),
                              "dpo": next(c for c in curve if c["beta"] == dpo_cfg.beta)}
+    def closed(point):
+        point["gap_closed"] = (point["gold"] - summary["sft"]["gold"]) / gap if gap > 0 else None
     for m in ("ppo", "dpo"):
-        summary["kl_optimum"][m]["gap_closed"] = ((summary["kl_optimum"][m]["gold"]
-                                                   - summary["sft"]["gold"]) / gap if gap > 0 else None)
+        closed(summary["kl_optimum"][m])
+    closed(summary["kl_optimum"]["ppo"]["reward_model"])
     summary["total_seconds"] = time.time() - t_start
     os.makedirs(out, exist_ok=True)
     figures = draw_all(out, summary, frontier, curve)
@@ -213,6 +227,10 @@ def print_table(s: dict) -> None:
               "reward model would allow):\n  " + " | ".join(
                   f"{name} β={o[m]['beta']:g}: gold {o[m]['gold']:.3f}, KL {o[m]['kl']:.2f}, gap "
                   f"closed {f(o[m]['gap_closed'], '.2f')}" for name, m in (("PPO", "ppo"), ("DPO", "dpo"))))
+        r = o["ppo"].get("reward_model")
+        if r:
+            print(f"  with PPO's reward (the trained reward model) instead: PPO β={o['ppo']['beta']:g}: "
+                  f"gold {r['gold']:.3f}, KL {r['kl']:.2f}, gap closed {f(r['gap_closed'], '.2f')}")
 
 
 if __name__ == "__main__":

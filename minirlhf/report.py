@@ -6,7 +6,8 @@
 - `hacking.png`:     PPO's proxy reward, gold score and KL per iteration, β > 0 beside β = 0
 - `frontier.png`:    gold score against KL to the SFT model for every policy (a --sweep adds
                      several β per method: the reward-vs-KL frontier of lecture ch. 5), and
-                     the closed-form optimum π_SFT·exp(r/β)/Z at each β as a line
+                     the closed-form optimum π_SFT·exp(r/β)/Z at each β as a line, with the
+                     labeller's reward (a perfect reward model) and with the trained one
 - `calibration.png`: the reward model's predicted preference probability vs the observed rate
 Left out: interactive plots; every figure is a plain PNG a README can link.
 """
@@ -81,7 +82,8 @@ def plot_hacking(run: str, path: str) -> str:
 def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str,
                   curve: list[dict] | None = None) -> str:
     """points: {"label", "method", "kl", "gold"}; one marker style per method.
-    curve: {"beta", "kl", "gold"} of the closed-form optimum π_SFT·exp(r/β)/Z, drawn as a line."""
+    curve: {"beta", "kl", "gold"} of the closed-form optimum π_SFT·exp(r/β)/Z, drawn as a line,
+    and its "reward_model" points (the same optimum with the trained reward model) as a second."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     if curve:
@@ -91,6 +93,14 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
         for c in curve:
             ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6, color="tab:purple",
                         xytext=(2, -8), textcoords="offset points")
+        rm_curve = sorted((dict(c["reward_model"], beta=c["beta"]) for c in curve
+                           if "reward_model" in c), key=lambda c: c["kl"])
+        if rm_curve:
+            ax.plot([c["kl"] for c in rm_curve], [c["gold"] for c in rm_curve], "--",
+                    color="tab:orange", lw=1, alpha=0.8, label="π* at each β (trained RM)")
+            for c in rm_curve:
+                ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
+                            color="tab:orange", xytext=(2, 3), textcoords="offset points")
     styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
               "DPO": ("tab:green", "^")}
     seen = set()

@@ -552,7 +552,8 @@ def world_tokenizer(vocab_size: int = 512, seed: int = 0, cache_dir: str | None 
 
 def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
-             seed: int = 0, n_samples: int = 0, repeats: int = 1, per_sample: bool = False) -> dict:
+             seed: int = 0, n_samples: int = 0, repeats: int = 1, per_sample: bool = False,
+             reward=None) -> dict:
     """Sample one response per prompt and judge it.
 
     Returns mean gold score, accuracy, mean response length (tokens, end excluded), the fraction
@@ -562,7 +563,9 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
     `n_samples` (prompt, response, gold) for printing. `repeats` samples each prompt that many
     times (a lower-variance estimate on a small prompt set; greedy decoding needs only 1).
     `per_sample` adds every sample's gold and correctness as arrays "golds" and "correct", in
-    prompt order with a prompt's repeats side by side.
+    prompt order with a prompt's repeats side by side; given `reward`, a function of the sampled
+    batch (tokens (B, T), attn_mask (B, T), ended (B,)) -> (B,) such as a reward model's score,
+    also its values as "rewards".
     """
     import torch
     from .masking import token_logprobs
@@ -571,7 +574,7 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = [lookup(p) for p in prompts for _ in range(repeats)]
-    golds, accs, lengths, ends, kls, samples = [], [], [], [], [], []
+    golds, accs, lengths, ends, kls, samples, rewards = [], [], [], [], [], [], []
     was_training = policy.training
     policy.eval()
     for i in range(0, len(prompts), batch_size):
@@ -586,6 +589,9 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
             mask = g.response_mask[:, 1:]
             kl = torch.where(mask, g.logprobs[:, 1:] - ref_logp, 0.0).sum(-1)       # (B,)
             kls += kl.tolist()
+        if reward is not None:
+            with torch.no_grad():
+                rewards += reward(g.tokens, g.attn_mask, g.ended).float().tolist()
         for p, ids, ended in zip(chunk, g.responses(), g.ended.tolist()):
             text = tokenizer.decode(ids)
             golds.append(gold_reward(p, text, ended))
@@ -604,6 +610,8 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
         out["samples"] = samples
     if per_sample:
         out["golds"], out["correct"] = np.array(golds), np.array(accs)
+        if reward is not None:
+            out["rewards"] = np.array(rewards)
     return out
 
 
@@ -640,7 +648,8 @@ def tilt(scores: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kl_optimum(policy, tokenizer, prompts: Sequence[PromptLike], betas: Sequence[float], *,
-               samples_per_prompt: int = 64, max_new_tokens: int = 64, seed: int = 0) -> list[dict]:
+               samples_per_prompt: int = 64, max_new_tokens: int = 64, seed: int = 0,
+               reward=None) -> list[dict]:
     """What the KL-regularised objective max_π E[r] − β·KL(π‖π_ref) is worth at each β, with
     π_ref = `policy` and r the labeller's own utility, gold / BT_TEMPERATURE (the scale on which
     preference labels are drawn, and so the scale a perfect reward model learns).
@@ -651,16 +660,26 @@ def kl_optimum(policy, tokenizer, prompts: Sequence[PromptLike], betas: Sequence
     temperature 1 and weighting each by exp(r/β) (`tilt`). With finite K the estimate can pick
     only among the samples, so gold is a slight underestimate and KL is at most log K.
     Returns [{"beta", "gold", "accuracy", "kl"}] in the order of `betas`.
+
+    Given `reward` (as in `evaluate`: a trained reward model's score of the sampled batch), each
+    point also holds "reward_model": {"gold", "accuracy", "kl"} of π_SFT·exp(r_φ/β)/Z on the same
+    samples — the optimum of the objective PPO at β actually maximises, judged by gold: what PPO
+    can reach with that reward model, however well it optimises.
     """
     K = samples_per_prompt
     r = evaluate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                 batch_size=max(1, 512 // K) * K, repeats=K, per_sample=True)
+                 batch_size=max(1, 512 // K) * K, repeats=K, per_sample=True, reward=reward)
     golds, accs = r["golds"].reshape(-1, K), r["correct"].reshape(-1, K)      # (P, K)
+
+    def point(scores, beta):
+        w, kl = tilt(scores, beta)
+        return {"gold": float((w * golds).sum(1).mean()),
+                "accuracy": float((w * accs).sum(1).mean()), "kl": float(kl.mean())}
     out = []
     for beta in betas:
-        w, kl = tilt(golds / BT_TEMPERATURE, beta)
-        out.append({"beta": float(beta), "gold": float((w * golds).sum(1).mean()),
-                    "accuracy": float((w * accs).sum(1).mean()), "kl": float(kl.mean())})
+        out.append({"beta": float(beta), **point(golds / BT_TEMPERATURE, beta)})
+        if reward is not None:
+            out[-1]["reward_model"] = point(r["rewards"].reshape(-1, K), beta)
     return out
 
 

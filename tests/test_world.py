@@ -334,3 +334,37 @@ def test_evaluate_per_sample_scores_are_the_judged_samples():
     for i, s in enumerate(r["samples"]):
         assert s["prompt"] == prompts[i // K].text and s["gold"] == r["golds"][i]
         assert r["correct"][i] == correct(s["prompt"], s["response"])
+
+
+def test_kl_optimum_with_a_reward_model_tilts_the_same_samples_by_its_scores():
+    """kl_optimum(..., reward=f) reweights the very samples the labeller's curve uses by f's
+    scores: a reward that returns the labeller's own utility of each sample (gold / T, fed back
+    batch by batch) reproduces the labeller's points exactly; a constant reward leaves the SFT
+    policy as it is (its mean gold, KL 0); and the labeller's points do not change."""
+    import torch
+    from minirlhf.model import GPT, GPTConfig
+    tok = W.world_tokenizer(512)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=1,
+                           n_embd=16))
+    with torch.no_grad():  # every step: the end token with probability ~0.3, else any token
+        policy.transformer.ln_f.weight.zero_()
+        policy.transformer.ln_f.bias.fill_(1.0)
+        policy.lm_head.weight[tok.end_id] += 6.0 / 16  # (tied to the embedding)
+    prompts, K, betas = World(0).test_prompts[:6], 4, [0.1, 1.0]
+    kw = dict(samples_per_prompt=K, max_new_tokens=8)
+    plain = W.kl_optimum(policy, tok, prompts, betas, **kw)
+    # the same samples, judged (kl_optimum batches 128 samples: all 24 in one batch)
+    golds = W.evaluate(policy, tok, prompts, max_new_tokens=8, batch_size=128, repeats=K,
+                       per_sample=True)["golds"]
+    assert golds.std() > 0  # the random policy writes responses of different worth
+    feed = iter([torch.tensor(golds / W.BT_TEMPERATURE)])
+    mirrored = W.kl_optimum(policy, tok, prompts, betas, reward=lambda t, m, e: next(feed), **kw)
+    for a, b in zip(plain, mirrored):
+        assert {k: a[k] for k in ("beta", "gold", "accuracy", "kl")} == {k: b[k] for k in a}
+        assert b["reward_model"] == {k: a[k] for k in ("gold", "accuracy", "kl")}
+    flat = W.kl_optimum(policy, tok, prompts, betas,
+                        reward=lambda t, m, e: torch.zeros(len(t)), **kw)
+    for p in flat:
+        assert p["reward_model"]["gold"] == pytest.approx(golds.mean())
+        assert p["reward_model"]["kl"] == pytest.approx(0.0, abs=1e-12)
