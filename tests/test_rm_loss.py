@@ -123,3 +123,56 @@ def test_linear_reward_model_recovers_the_true_reward():
     assert float(stats["accuracy"]) > bayes.item() - 0.03
     assert ranks_like_truth.item() > 0.9
     assert cosine.item() > 0.9
+
+
+class _Tok:
+    pad_id = 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=10)
+       .map(lambda ps: [(a, b) for a, b in ps if a != b] or [(0, 1)]))
+def test_shared_sequences_are_scored_once_with_the_same_rewards_and_gradients(index_pairs):
+    """pair_batch scores each distinct sequence once (a prompt's k responses make k(k−1)/2
+    pairs): the rewards and the Bradley–Terry loss's gradients equal those of scoring every pair
+    on its own, chosen and rejected each in a batch of one (the plain reference path)."""
+    from minirlhf.model import GPTConfig, ScalarHeadModel
+    from train_rm import pair_batch, score_pairs
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2,
+                                   n_embd=8)).double()  # float64 scores: equal to the last bit
+    gen = torch.Generator().manual_seed(1)
+    pool = [torch.randint(1, 16, (n,), generator=gen).tolist() for n in (3, 5, 4, 7, 2, 6)]
+    pairs = [(pool[a], pool[b]) for a, b in index_pairs]
+    tokens, attn_mask, chosen, rejected = pair_batch(pairs, _Tok, None)
+    assert len(tokens) == len({i for ab in index_pairs for i in ab})  # each sequence once
+    r = rm.score(tokens, attn_mask)                      # as score_pairs does, in float64 here
+    r_c, r_r = r[chosen], r[rejected]
+    loss, _ = reward_loss(r_c, r_r)
+    grads = torch.autograd.grad(loss, list(rm.parameters()))
+
+    def alone(seq):
+        return rm.score(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.bool))[0]
+    ref_c = torch.stack([alone(c) for c, _ in pairs])
+    ref_r = torch.stack([alone(r) for _, r in pairs])
+    ref_loss, _ = reward_loss(ref_c, ref_r)
+    ref_grads = torch.autograd.grad(ref_loss, list(rm.parameters()))
+    torch.testing.assert_close(r_c, ref_c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r_r, ref_r, rtol=1e-12, atol=1e-12)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12)
+    # score_pairs (autocast, float32 rewards) reads the same rows
+    s_c, s_r = score_pairs(rm.score, pairs, _Tok, torch.device("cpu"))
+    torch.testing.assert_close(s_c, ref_c.float())
+    torch.testing.assert_close(s_r, ref_r.float())
+
+
+def test_pair_groups_are_the_pairs_of_one_prompts_responses():
+    """pair_groups joins consecutive pairs that share a response (the layout --make-pairs writes:
+    a prompt's k responses, then the next prompt's) and keeps unrelated pairs apart."""
+    from train_rm import pair_groups
+    a, b, c, d, e, f, g = ([i] for i in range(7))
+    pairs = [(a, b), (c, a), (a, d), (b, c), (d, b), (c, d),   # k = 4: six pairs of a, b, c, d
+             (e, f),                                          # k = 2: one pair
+             (g, a), (f, g)]       # a is the first group's, not this one's; g joins them
+    assert pair_groups(pairs) == [[0, 1, 2, 3, 4, 5], [6], [7, 8]]
+    assert pair_groups([(a, b), (c, d)]) == [[0], [1]]
