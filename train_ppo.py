@@ -228,8 +228,10 @@ class PPOConfig:
     # optimum gold gap; 32 prompts x 4 with 1 epoch (the same 4 minibatch steps, on twice the
     # samples, none reused) 46% and 47% on one thread and 39% in a pipeline run on two (PPO's
     # end point moves by several points with floating-point rounding), for ~1.3x the time per
-    # iteration; minibatches of 64 (2 steps per iteration) 38%. The minibatches after the first
-    # are already off-policy, so the ratio and its clipping still act with one epoch.
+    # iteration; minibatches of 64 (2 steps per iteration) 38%. With the reward model on 48000
+    # pairs (test accuracy 0.762 against 0.741) the pipeline run closed 55%. The minibatches
+    # after the first are already off-policy, so the ratio and its clipping still act with one
+    # epoch.
 
     def check(self):
         check_ranges(self, positive=("iterations", "prompts_per_iter", "samples_per_prompt",

@@ -7,8 +7,9 @@
     torchrun --standalone --nproc_per_node 4 train_rm.py --make-pairs   # 4 GPUs
 
 Stage two of the pipeline (lecture ch. 7). Preference data is made the lecture's way: for each
-training prompt the SFT policy writes two responses and a labeller picks one — here the world's
-Bradley–Terry labeller on the gold score, noisy the way people are. The reward model is the SFT
+training prompt the SFT policy writes responses (k = 4 by default; the lecture's "sample two" is
+k = 2) and a labeller picks one of every two — here the world's Bradley–Terry labeller on the
+gold score, noisy the way people are. The reward model is the SFT
 model with its language-model head swapped for a scalar head, read at the last real token, and
 trained with the Bradley–Terry loss −log σ(r_w − r_l) on (prompt, chosen, rejected) triples.
 
@@ -44,8 +45,9 @@ from minirlhf.model import ScalarHeadModel
 from minirlhf.report import plot_calibration
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
-                               make_optimizer, pad_batch, set_lr, start_run, write_json)
+from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, distinct_rows, fail,
+                               group_batches, lr_at, make_optimizer, pad_batch, pair_groups, set_lr,
+                               start_run, write_json)
 from minirlhf.world import World, bayes_accuracy, label_pair
 
 
@@ -217,12 +219,9 @@ def pair_batch(pairs, tok, device):
     the rows of its chosen and its rejected sequence: tokens (N, T), attn_mask (N, T),
     chosen (B,), rejected (B,). A sequence in several pairs (the k responses of one prompt make
     k(k−1)/2 pairs) is scored once, as InstructGPT batched its K-way comparisons."""
-    rows: dict[tuple, int] = {}
-    chosen = [rows.setdefault(tuple(c), len(rows)) for c, _ in pairs]
-    rejected = [rows.setdefault(tuple(r), len(rows)) for _, r in pairs]
-    seqs = [list(s) for s in rows]  # in first-seen order, the row numbers above
+    seqs, rows = distinct_rows([c for c, _ in pairs] + [r for _, r in pairs])
     tokens, attn_mask, _ = pad_batch(seqs, [0] * len(seqs), tok.pad_id, device)
-    return tokens, attn_mask, torch.tensor(chosen), torch.tensor(rejected)
+    return tokens, attn_mask, torch.tensor(rows[:len(pairs)]), torch.tensor(rows[len(pairs):])
 
 
 def score_pairs(score, pairs, tok, device):
@@ -232,21 +231,6 @@ def score_pairs(score, pairs, tok, device):
     with autocast(device):
         r = score(tokens, attn_mask).float()                                       # (N,)
     return r[chosen.to(r.device)], r[rejected.to(r.device)]
-
-
-def pair_groups(pairs) -> list[list[int]]:
-    """Indices of consecutive pairs that share a response: the k(k−1)/2 pairs that --make-pairs
-    writes for one prompt's k responses form one group (other data: mostly groups of one)."""
-    groups, seen = [], set()
-    for i, (c, r) in enumerate(pairs):
-        c, r = tuple(c), tuple(r)
-        if groups and (c in seen or r in seen):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-            seen = set()
-        seen.update((c, r))
-    return groups
 
 
 @torch.no_grad()
@@ -348,14 +332,11 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     # batches of whole groups (a prompt's k(k−1)/2 pairs together), so each response is scored
     # once per batch and seen once per epoch: ~batch_size pairs from k/(k−1)·batch_size sequences
     groups = pair_groups(train_pairs)
-    lengths = np.array([max(max(len(c), len(r)) for c, r in (train_pairs[i] for i in g))
-                        for g in groups])
-    per_batch = max(1, round(cfg.batch_size * len(groups) / n))  # groups per batch
+    lengths = np.array([max(len(c), len(r)) for c, r in train_pairs])
 
     @functools.lru_cache(maxsize=2)
     def batches_of(epoch):
-        return [np.concatenate([groups[g] for g in b])
-                for b in epoch_batches(cfg.seed, epoch, lengths, min(per_batch, len(groups)))]
+        return group_batches(cfg.seed, epoch, groups, lengths, min(cfg.batch_size, n))
 
     train_score = wrap(rm, dist, "score")  # under torchrun DDP: backward averages gradients
     bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None if dist.is_main else True,

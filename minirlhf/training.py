@@ -4,6 +4,9 @@
 - `make_optimizer(model, ...)`: AdamW, weight decay on matrices only (fused on CUDA).
 - `pad_batch(seqs, ...)`: right-padded (tokens, attn_mask, loss_mask) from token lists.
 - `epoch_batches(...)`: an epoch's batches, grouped by length, a function of (seed, epoch) only.
+- `pair_groups(pairs)`, `group_batches(...)`, `distinct_rows(seqs)`: preference pairs that share
+  a response (one prompt's k responses make k(k−1)/2 pairs) batched together, and each distinct
+  sequence of a batch run through the model once (train_rm.py, train_dpo.py).
 - `MetricsLog`: appends one JSON line per logged step to OUT/metrics.jsonl; on resume it first cuts
   the file back to the checkpoint's step, so a killed run never leaves duplicated steps. Under
   torchrun only rank 0's log writes (`enabled=dist.is_main`).
@@ -93,6 +96,52 @@ def epoch_batches(seed: int, epoch: int, lengths: np.ndarray, batch_size: int,
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     batches = [b for b in batches if len(b) == batch_size] or batches  # drop ragged leftovers
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def pair_groups(pairs, max_size: int = 64) -> list[list[int]]:
+    """Indices of consecutive pairs that share a response: the k(k−1)/2 pairs that
+    `train_rm.py --make-pairs` writes for one prompt's k responses form one group (other data:
+    mostly groups of one). A group stops at max_size pairs, so that a long chain of shared
+    responses in a user's file cannot become one batch. pairs: (chosen, rejected, ...) tuples
+    of token lists."""
+    groups, seen = [], set()
+    for i, (c, r, *_) in enumerate(pairs):
+        c, r = tuple(c), tuple(r)
+        if groups and len(groups[-1]) < max_size and (c in seen or r in seen):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            seen = set()
+        seen.update((c, r))
+    return groups
+
+
+def group_batches(seed: int, epoch: int, groups: list[list[int]], lengths: np.ndarray,
+                  batch_size: int) -> list:
+    """`epoch_batches` over whole groups of pairs: each batch holds ~batch_size pairs (as many
+    groups as make that on average) and is returned as one array of pair indices. Each response
+    is then seen once per epoch and, with `distinct_rows`, run through the model once per batch:
+    a group of k responses costs k sequences instead of k(k−1)."""
+    n = sum(len(g) for g in groups)
+    per_batch = min(max(1, round(batch_size * len(groups) / n)), len(groups))  # groups per batch
+    group_lengths = np.array([max(lengths[i] for i in g) for g in groups])
+    return [np.concatenate([groups[g] for g in b])
+            for b in epoch_batches(seed, epoch, group_lengths, per_batch)]
+
+
+def distinct_rows(seqs) -> tuple[list, list[int]]:
+    """(the distinct items of seqs in first-seen order, the row of each item among them), so
+    that seqs[i] == distinct[rows[i]]. Items are token lists or tuples of them."""
+    index: dict = {}
+    rows = [index.setdefault(_frozen(s), len(index)) for s in seqs]
+    distinct = [None] * len(index)
+    for s, row in zip(seqs, rows):
+        distinct[row] = s
+    return distinct, rows
+
+
+def _frozen(x):
+    return tuple(_frozen(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def check_finite(step: int, **values) -> None:

@@ -195,3 +195,43 @@ def test_dpo_recovers_the_closed_form_optimum(beta):
     tv = 0.5 * (theta.detach().softmax(-1) - pi_star).abs().sum().item()
     tv_start = 0.5 * (ref_logp.exp() - pi_star).abs().sum().item()
     assert tv_start > 0.1 and tv < 0.02
+
+
+class _Tok:
+    pad_id = 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5)), min_size=1, max_size=10)
+       .map(lambda ps: [(a, b) for a, b in ps if a != b] or [(0, 1)]))
+def test_shared_responses_are_run_once_with_the_same_log_probs_and_gradients(index_pairs):
+    """response_logprobs runs each distinct sequence of a batch once (a prompt's k responses make
+    k(k−1)/2 pairs): the summed response log-probs and the DPO loss's gradients equal those of
+    running every response on its own, and precompute_reference gives every pair its own two
+    reference log-probs."""
+    from minirlhf.masking import token_logprobs
+    from minirlhf.model import GPT, GPTConfig
+    from train_dpo import precompute_reference, response_logprobs
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=8)).double()
+    gen = torch.Generator().manual_seed(1)
+    n_prompt = 2                                          # all responses answer one prompt
+    pool = [torch.randint(1, 16, (n,), generator=gen).tolist() for n in (4, 6, 5, 8, 3, 7)]
+    pairs = [(pool[a], pool[b], n_prompt) for a, b in index_pairs]
+    c, r = response_logprobs(model, pairs, _Tok, torch.device("cpu"))
+    loss, _ = dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), 0.5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    def alone(seq):  # sum of log π over the response tokens, one sequence, no padding
+        logits = model(torch.tensor([seq]))[0, :-1]
+        return token_logprobs(logits, torch.tensor(seq[1:]))[n_prompt - 1:].sum()
+    ref_c = torch.stack([alone(a) for a, _, _ in pairs])
+    ref_r = torch.stack([alone(b) for _, b, _ in pairs])
+    ref_loss, _ = dpo_loss(ref_c, ref_r, torch.zeros_like(ref_c), torch.zeros_like(ref_r), 0.5)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    # response_logprobs takes log-softmax in float32 (as under autocast): float32 tolerances
+    torch.testing.assert_close(c, ref_c.float())
+    torch.testing.assert_close(r, ref_r.float())
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    table = precompute_reference(model.float(), pairs * 3, _Tok, torch.device("cpu"), batch_size=4)
+    torch.testing.assert_close(table, torch.stack([ref_c, ref_r], 1).float().repeat(3, 1))

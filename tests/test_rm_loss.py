@@ -1,6 +1,7 @@
 """Properties of the Bradley–Terry preference model and reward-model loss (lecture ch. 6)."""
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
@@ -169,10 +170,35 @@ def test_shared_sequences_are_scored_once_with_the_same_rewards_and_gradients(in
 def test_pair_groups_are_the_pairs_of_one_prompts_responses():
     """pair_groups joins consecutive pairs that share a response (the layout --make-pairs writes:
     a prompt's k responses, then the next prompt's) and keeps unrelated pairs apart."""
-    from train_rm import pair_groups
+    from minirlhf.training import pair_groups
     a, b, c, d, e, f, g = ([i] for i in range(7))
     pairs = [(a, b), (c, a), (a, d), (b, c), (d, b), (c, d),   # k = 4: six pairs of a, b, c, d
              (e, f),                                          # k = 2: one pair
              (g, a), (f, g)]       # a is the first group's, not this one's; g joins them
     assert pair_groups(pairs) == [[0, 1, 2, 3, 4, 5], [6], [7, 8]]
     assert pair_groups([(a, b), (c, d)]) == [[0], [1]]
+    assert pair_groups(pairs, max_size=4) == [[0, 1, 2, 3], [4, 5], [6], [7, 8]]
+    assert pair_groups([(a, b, 3), (b, c, 3)]) == [[0, 1]]  # DPO's (chosen, rejected, n_prompt)
+
+
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=40), st.integers(1, 20),
+       st.integers(0, 3))
+def test_group_batches_keep_groups_whole_and_cover_every_pair_once(sizes, batch_size, epoch):
+    """Each epoch's batches are unions of whole groups, hold every pair exactly once, and are
+    the same when drawn again (a resumed run reads the same batches)."""
+    from minirlhf.training import group_batches
+    groups, start = [], 0
+    for k in sizes:
+        groups.append(list(range(start, start + k)))
+        start += k
+    lengths = np.random.default_rng(0).integers(1, 50, size=start)
+    batches = group_batches(3, epoch, groups, lengths, batch_size)
+    group_of = {i: j for j, g in enumerate(groups) for i in g}
+    seen = np.concatenate(batches)
+    assert len(seen) == len(set(seen.tolist()))                     # no pair twice
+    kept = {group_of[i] for i in seen.tolist()}
+    assert sorted(seen.tolist()) == sorted(i for j in kept for i in groups[j])  # whole groups
+    dropped = len(groups) - len(kept)            # epoch_batches drops a ragged last batch only
+    assert dropped < max(1, round(batch_size * len(groups) / start))  # < one batch
+    assert all(np.array_equal(x, y) for x, y in
+               zip(batches, group_batches(3, epoch, groups, lengths, batch_size)))
