@@ -190,7 +190,8 @@ class PPOConfig:
     prompts: str | None = None        # prompts JSONL to train on; none = the world's train prompts
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds prompt order, sampling, minibatch order
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs
     compile: bool = False             # torch.compile the policy (CUDA only)
     # rollout
     iterations: int = 100             # PPO iterations (rollout + update each)

@@ -93,7 +93,8 @@ class SFTConfig:
     init: str | None = None           # start from this stage folder's weights, or gpt2:DIR (GPT-2)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds data order, initialisation and sampling
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda uses bf16 autocast
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs
     compile: bool = False             # torch.compile the model (CUDA only)
     # model, when training from scratch (ignored with --init)
     n_layer: int = 4                  # transformer blocks

@@ -97,8 +97,18 @@ class CausalSelfAttention(nn.Module):
             v = cache.v[layer, :, :, :start + T]                                 # (B, nh, S, hs)
         # allowed: (B, 1, T, S) boolean, True where query t may attend to key s
         # allowed None: right-padded rows, plain causal attention (see attention_allowed)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # bf16 autocast on CPU (minirlhf/device.py): attention itself runs in float32, whose
+            # CPU kernels are ~10x faster than the bf16 ones (backward above all); the matmuls
+            # around it are where bf16 pays
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                                                   is_causal=allowed is None, dropout_p=dropout)
+            y = y.to(torch.bfloat16)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                               is_causal=allowed is None, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                          # (B, T, C)
         return self.c_proj(y)
 
@@ -179,9 +189,10 @@ class Trunk(nn.Module):
             attn_mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
         attn_mask = attn_mask.bool()
         if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size "
-                                 f"{self.config.block_size}")
+            # padding past block_size is allowed (its positions repeat the last real one)
+            if T > self.config.block_size and int(attn_mask.sum(-1).max()) > self.config.block_size:
+                raise ValueError(f"sequence of {int(attn_mask.sum(-1).max())} tokens is longer "
+                                 f"than block_size {self.config.block_size}")
             pos = position_ids(attn_mask)                                          # (B, T)
             allowed = attention_allowed(attn_mask)                # (B, 1, T, T), or None
         else:

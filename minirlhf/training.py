@@ -31,7 +31,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import format_config
-from .device import resolve_device
+from .device import resolve_device, set_precision, uses_bf16
 from .distributed import Dist, setup
 
 
@@ -66,8 +66,15 @@ def set_lr(optimizer, lr: float) -> None:
 
 def pad_batch(seqs: list[list[int]], n_prompt: list[int], pad_id: int, device=None):
     """Right-pad token lists. Returns tokens (B, T), attn_mask (B, T) and loss_mask (B, T), the
-    last being 1 on response tokens (those at index >= n_prompt) — the targets SFT learns."""
+    last being 1 on response tokens (those at index >= n_prompt) — the targets SFT learns.
+
+    Under bf16 autocast T is rounded up to a multiple of 8: oneDNN builds a bf16 matmul kernel
+    for every new shape on CPU, and a run whose batches take every length between 20 and 64
+    spends more time building kernels than bf16 saves (measured: reward-model steps 79 ms
+    unrounded, 51 ms rounded, 65 ms in float32). The extra columns are padding like the rest."""
     T = max(len(s) for s in seqs)
+    if device is not None and uses_bf16(torch.device(device)):
+        T = -(-T // 8) * 8
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attn_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
     loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
@@ -207,9 +214,10 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(cfg, prog: str) -> Dist:
-    """Resolve the device, join torchrun's processes if there are several, print the config,
-    seed every RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
+    """Resolve the device and precision, join torchrun's processes if there are several, print
+    the config, seed every RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
     try:
+        set_precision(getattr(cfg, "precision", "auto"))
         dist = setup(resolve_device(cfg.device))
         for name in ("batch_size", "prompts_per_iter", "minibatch_size"):  # global batches
             if getattr(cfg, name, 0) % dist.world_size:
@@ -220,7 +228,9 @@ def start_run(cfg, prog: str) -> Dist:
         raise SystemExit(2)
     os.makedirs(cfg.out, exist_ok=True)
     processes = f", {dist.world_size} processes" if dist.world_size > 1 else ""
-    print(f"{prog} config:\n{format_config(cfg)}\n  (device: {dist.device}{processes})", flush=True)
+    precision = "bf16 autocast" if uses_bf16(dist.device) else "float32"
+    print(f"{prog} config:\n{format_config(cfg)}\n  (device: {dist.device}, {precision}{processes})",
+          flush=True)
     seed_everything(cfg.seed)
     return dist
 

@@ -1,15 +1,17 @@
-"""The CUDA fast paths against the obvious ones (STYLE.md rule 11): fused AdamW, bf16 autocast and
+"""The fast paths against the obvious ones (STYLE.md rule 11): fused AdamW, bf16 autocast and
 torch.compile each compute what the plain float32 path computes, within their rounding.
 
 Tests that need a GPU skip cleanly without one; the rest run on CPU: the fused-AdamW property is
-checked on CPU too (PyTorch has a fused CPU kernel), and on CPU the fast paths stay off
-(`make_optimizer` is unfused, `autocast` and `maybe_compile` change nothing). The KV-cache
+checked on CPU too (PyTorch has a fused CPU kernel), bf16 autocast on CPU (its attention in
+float32) against float32, and `--precision fp32` is the plain path bit for bit. The KV-cache
 sampler against the re-run-everything one is tested in test_sampler.py and test_model.py.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
-from minirlhf.device import autocast, maybe_compile
+import minirlhf.device as device_module
+from minirlhf.device import autocast, maybe_compile, native_bf16, set_precision, uses_bf16
 from minirlhf.masking import token_logprobs
 from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
 from minirlhf.training import make_optimizer
@@ -79,9 +81,18 @@ def test_make_optimizer_stays_unfused_on_cpu():
     assert not opt.defaults["fused"]
 
 
-def test_on_cpu_autocast_and_compile_change_nothing():
-    """autocast(cpu) is float32 and maybe_compile(cpu) returns the very same module, so CPU
-    runs are the plain path bit for bit."""
+@pytest.fixture
+def precision():
+    """set_precision for one test; the process-wide setting is restored afterwards."""
+    before = device_module._precision
+    yield set_precision
+    set_precision(before)
+
+
+def test_fp32_precision_on_cpu_is_the_plain_path(precision):
+    """With --precision fp32, autocast(cpu) is float32 and maybe_compile(cpu) returns the very
+    same module, so CPU runs are the plain path bit for bit."""
+    precision("fp32")
     model = tiny_gpt("cpu").eval()
     tokens, attn_mask = batch("cpu")
     cpu = torch.device("cpu")
@@ -94,11 +105,26 @@ def test_on_cpu_autocast_and_compile_change_nothing():
     assert torch.equal(plain, fast)
 
 
-@needs_cuda
-def test_bf16_autocast_forward_is_close_to_float32():
+def test_precision_setting_decides_bf16(precision):
+    """auto uses bf16 exactly where the hardware multiplies it natively (CUDA, AMX CPUs); fp32
+    never does, bf16 always does; anything else is refused."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    precision("auto")
+    assert uses_bf16(cpu) == native_bf16(cpu) and uses_bf16(cuda)
+    precision("fp32")
+    assert not uses_bf16(cpu) and not uses_bf16(cuda)
+    precision("bf16")
+    assert uses_bf16(cpu) and uses_bf16(cuda)
+    with pytest.raises(ValueError, match="--precision"):
+        precision("fp16")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_forward_is_close_to_float32(device, precision):
     """Under bf16 autocast the policy's token log-probs and the scalar model's scores stay within
     bf16 rounding of float32 (loose tolerance: bf16 keeps 8 bits of mantissa)."""
-    device = torch.device("cuda")
+    precision("bf16")
+    device = torch.device(device)
     model = tiny_gpt(device).eval()
     scalar = ScalarHeadModel.from_gpt(model).eval()
     tokens, attn_mask = batch(device)
@@ -113,6 +139,47 @@ def test_bf16_autocast_forward_is_close_to_float32():
     assert logits16.dtype == torch.bfloat16, "autocast did not run the model in bf16"
     torch.testing.assert_close(logp16[real], logp32[real], atol=5e-2, rtol=0)
     torch.testing.assert_close(score16.float(), score32, atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_autocast_gradients_point_where_float32_ones_do(precision):
+    """A training step's gradients under CPU bf16 autocast agree with float32 ones: every
+    parameter's gradient has cosine similarity > 0.99 and a norm within 5%."""
+    precision("bf16")
+    cpu = torch.device("cpu")
+    tokens, attn_mask = batch(cpu, B=8, T=24)
+    grads = []
+    for fast in (False, True):
+        model = tiny_gpt(cpu)
+        with autocast(cpu) if fast else torch.autocast("cpu", enabled=False):
+            logits = model(tokens, attn_mask)                                      # (B, T, V)
+        loss = -token_logprobs(logits[:, :-1].float(), tokens[:, 1:])[attn_mask[:, 1:]].mean()
+        loss.backward()
+        grads.append({n: p.grad.flatten() for n, p in model.named_parameters()})
+    for name, g32 in grads[0].items():
+        g16 = grads[1][name]
+        cos = F.cosine_similarity(g16, g32, dim=0).item()
+        assert cos > 0.99, f"{name}: cosine {cos:.4f}"
+        assert abs(g16.norm() / g32.norm() - 1) < 0.05, name
+
+
+def test_cpu_bf16_attention_runs_in_float32(precision, monkeypatch):
+    """On CPU the bf16 attention kernels are far slower than the float32 ones, so under bf16
+    autocast the model hands attention float32 queries, keys and values (minirlhf/model.py) and
+    its output continues in bf16."""
+    precision("bf16")
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny_gpt("cpu")
+    tokens, attn_mask = batch("cpu")
+    with autocast(torch.device("cpu")):
+        logits = model(tokens, attn_mask)
+    assert logits.dtype == torch.bfloat16
+    assert seen == [(torch.float32,) * 3 + (False,)] * CONFIG.n_layer
 
 
 @needs_cuda
@@ -135,3 +202,17 @@ def test_compiled_model_matches_eager_forward_and_gradients():
     for (name, p), q in zip(eager.named_parameters(), compiled_owner.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name, width", [("fp32", 11), ("bf16", 16)])
+def test_pad_batch_rounds_lengths_under_bf16_only(precision, name, width):
+    """Under bf16 pad_batch rounds the batch length up to a multiple of 8 (fewer distinct shapes
+    for oneDNN's per-shape bf16 kernels); the extra columns are padding in every mask. In
+    float32 the batch is exactly as long as its longest sequence."""
+    from minirlhf.training import pad_batch
+    precision(name)
+    seqs = [[5] * 11, [6] * 4]
+    tokens, attn_mask, loss_mask = pad_batch(seqs, [2, 1], pad_id=0, device=torch.device("cpu"))
+    assert tokens.shape == (2, width)
+    assert attn_mask.sum(1).tolist() == [11, 4] and loss_mask.sum(1).tolist() == [9, 3]
+    assert (tokens[:, 11:] == 0).all()

@@ -196,3 +196,23 @@ def test_longer_than_block_size_raises(make):
         model(torch.zeros(2, 8, dtype=torch.long))
         with pytest.raises(ValueError, match="block_size"):
             model(torch.zeros(2, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("make", [GPT, ScalarHeadModel])
+def test_padding_past_block_size_changes_no_real_output(make):
+    """A batch may be right-padded past block_size (pad_batch rounds lengths up to a multiple of
+    8 under bf16): the real tokens' outputs equal the unpadded batch's. Real tokens past
+    block_size still raise."""
+    torch.manual_seed(0)
+    model = make(tiny_config(block_size=8)).eval()
+    tokens = torch.randint(0, V, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 6:] = False                                    # the second row has 6 real tokens
+    padded = torch.cat([tokens, torch.zeros(2, 4, dtype=torch.long)], 1)                # (2, 12)
+    padded_mask = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        out, out_padded = model(tokens, mask), model(padded, padded_mask)
+        real = mask
+        torch.testing.assert_close(out_padded[:, :8][real], out[real], atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match="block_size"):
+            model(padded, torch.ones(2, 12, dtype=torch.bool))
