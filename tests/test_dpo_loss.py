@@ -113,6 +113,33 @@ def test_bad_options_are_refused():
         dpo_loss(*x, 0.1, loss_type="hinge")
     with pytest.raises(ValueError):
         dpo_loss(*x, 0.1, label_smoothing=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(*x, 0.1, rpo_alpha=1.0)  # RPO needs the chosen responses' lengths
+
+
+@given(logps, betas, st.floats(0.0, 10.0),
+       st.lists(st.integers(1, 40), min_size=6, max_size=6))
+def test_rpo_adds_the_chosen_responses_per_token_nll(rows, beta, alpha, lengths):
+    """RPO: L = L_DPO + α·(−Σ_i log π_θ(y_w,i) / Σ_i |y_w,i|), the chosen responses' NLL as a
+    token mean. The loss is DPO's plus that term, its gradient w.r.t. log π_θ(y_w,i) is DPO's
+    minus α/Σ|y_w|, the rejected and reference gradients are DPO's, and α = 0 is plain DPO."""
+    pc, pr, rc, rr = unpack(rows, requires_grad=True)
+    n = torch.tensor(lengths[:len(rows)], dtype=torch.float64)
+    dpo, _ = dpo_loss(pc, pr, rc, rr, beta)
+    rpo, stats = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=alpha, chosen_tokens=n)
+    nll = -pc.sum() / n.sum()
+    torch.testing.assert_close(rpo, dpo + alpha * nll)
+    torch.testing.assert_close(stats["nll"], nll.detach() if alpha else torch.zeros((), dtype=torch.float64))
+    g_dpo = torch.autograd.grad(dpo, (pc, pr, rc, rr))
+    g_rpo = torch.autograd.grad(rpo, (pc, pr, rc, rr))
+    torch.testing.assert_close(g_rpo[0], g_dpo[0] - alpha / n.sum())
+    for a, b in zip(g_rpo[1:], g_dpo[1:]):
+        torch.testing.assert_close(a, b)
+    halved, _ = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=alpha, chosen_tokens=n,
+                         nll_norm=2 * float(n.sum()))  # a torchrun process's share of the mean
+    torch.testing.assert_close(halved, dpo + alpha * nll / 2)
+    plain, _ = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=0.0, chosen_tokens=n)
+    assert torch.equal(plain, dpo)
 
 
 @given(logps, betas)
