@@ -374,6 +374,24 @@ def bayes_accuracy(pairs: Iterable[Pair]) -> float:
     return float(np.mean(accs))
 
 
+def expected_accuracy(pairs: Sequence[Pair], margins: Sequence[float]) -> float:
+    """The pair accuracy a predictor would score on average over the labeller's coin flips: it
+    prefers a to b in pair i when margins[i] > 0 (a reward model: r_a − r_b), and is right with
+    probability P(a ≻ b) = σ((g_a − g_b)/T), else 1 − that. The same expectation as
+    `bayes_accuracy` (which is the best predictor's) but without the sampling noise of one set of
+    labels: on 800 pairs, observed accuracy scatters by about ±1.4 points around it.
+    """
+    if len(pairs) != len(margins) or not pairs:
+        raise ValueError("expected_accuracy needs one margin per pair, and at least one pair")
+    accs = []
+    for pair, m in zip(pairs, margins):
+        prompt, a, b = pair[:3]
+        ended_a, ended_b = (pair[3], pair[4]) if len(pair) == 5 else (True, True)
+        q = preference_prob(prompt, a, b, ended_a, ended_b)
+        accs.append(q if m > 0 else 1.0 - q)
+    return float(np.mean(accs))
+
+
 # ----------------------------------------------------------------------------------------------
 # Demonstrators: the noisy writers of the SFT data (lecture ch. 1; CS224N notes)
 

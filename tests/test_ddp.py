@@ -38,14 +38,14 @@ pytestmark = pytest.mark.skipif(
 SFT = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-steps", "6", "--n-examples",
        "200", "--batch-size", "8", "--grad-accum", "2", "--log-every", "2", "--eval-every", "3",
        "--ckpt-every", "3", "--n-show", "1", "--max-new-tokens", "8", "--warmup", "2",
-       "--device", "cpu"]
+       "--device", "cpu", "--precision", "fp32"]  # exact equality needs float32
 RM = ["--max-steps", "4", "--batch-size", "8", "--eval-every", "2", "--patience", "6",
-      "--device", "cpu"]
+      "--device", "cpu", "--precision", "fp32"]
 DPO = ["--max-steps", "4", "--batch-size", "8", "--eval-every", "2", "--ckpt-every", "2",
-       "--max-new-tokens", "8", "--device", "cpu"]
+       "--max-new-tokens", "8", "--device", "cpu", "--precision", "fp32"]
 PPO = ["--iterations", "2", "--prompts-per-iter", "2", "--samples-per-prompt", "2",
        "--max-new-tokens", "8", "--minibatch-size", "2", "--eval-every", "2", "--ckpt-every", "2",
-       "--adaptive-kl", "--device", "cpu"]
+       "--adaptive-kl", "--device", "cpu", "--precision", "fp32"]
 ATOL = 1e-5  # float sums in another order (each process pads and reduces its own half)
 
 
@@ -153,7 +153,7 @@ def test_two_processes_on_half_batches_match_one_on_whole_batches(runs, stage):
 def test_only_rank_0_prints(runs):
     """Each log line appears once in the launch's output: the other process prints nothing."""
     out = runs["stdout"]
-    assert out.count("train_sft.py config:") == 1 and "(device: cpu, 2 processes)" in out
+    assert out.count("train_sft.py config:") == 1 and "(device: cpu, float32, 2 processes)" in out
     lines = out.splitlines()
     assert len([line for line in lines if "token acc" in line]) == 3  # SFT: steps 2, 4, 6
     assert len([line for line in lines if "implicit acc" in line]) == 2  # DPO: steps 2, 4

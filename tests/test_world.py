@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from minirlhf import world as W
 from minirlhf.world import (BT_TEMPERATURE, DEMONSTRATORS, FAMILIES, PROMPTS, World, bayes_accuracy,
-                            correct, demonstration, gold_reward, label_pair, lookup,
+                            correct, demonstration, expected_accuracy, gold_reward, label_pair, lookup,
                             optimal_response, optimal_score, parse, preference_prob, wrong_value)
 
 prompt_texts = st.sampled_from(sorted(PROMPTS))
@@ -196,6 +196,25 @@ def test_bayes_accuracy_closed_form():
     assert bayes_accuracy(pairs) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError):
         bayes_accuracy([])
+
+
+def test_expected_accuracy_of_the_judge_is_the_bayes_limit():
+    """A predictor that ranks by the gold score itself has expected accuracy = the Bayes limit;
+    one that always ranks the other way has 1 − that; each pair counts σ(Δ/T) or 1 − σ(Δ/T)."""
+    p = "What is the capital of Japan?"
+    opt, polite = optimal_response(p), "Of course! The capital of Japan is Tokyo."
+    wrong = "The capital of Japan is Rome."
+    pairs = [(p, opt, polite), (p, wrong, opt), (p, polite, wrong), (p, opt, wrong, True, False)]
+    gold = [0.2, -1.3, 1.1, 1.8]  # g_a − g_b; the last b lacks its end token (−0.5)
+    assert gold[:3] == [pytest.approx(gold_reward(p, a) - gold_reward(p, b)) for _, a, b in pairs[:3]]
+    bayes = bayes_accuracy(pairs)
+    assert expected_accuracy(pairs, gold) == pytest.approx(bayes, abs=1e-12)
+    assert expected_accuracy(pairs, [-g for g in gold]) == pytest.approx(1 - bayes, abs=1e-12)
+    q = [sig(d / BT_TEMPERATURE) for d in gold]
+    assert expected_accuracy(pairs, [1, 1, -1, -1]) == pytest.approx(
+        np.mean([q[0], q[1], 1 - q[2], 1 - q[3]]), abs=1e-12)
+    with pytest.raises(ValueError):
+        expected_accuracy(pairs, [1.0])
 
 
 # ----- splits, determinism, demonstrators
