@@ -271,9 +271,8 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     test_pairs = encode_pairs(read_prefs(test_path, tok, block), tok) if os.path.exists(test_path) else None
 
     t_ref = time.time()
-    # no gradients: batches 4x larger than training's run faster and fit wherever training fits
-    ref_train = precompute_reference(ref, train_pairs, tok, device, 4 * cfg.batch_size)  # (N, 2)
-    ref_val = precompute_reference(ref, val_pairs, tok, device, 4 * cfg.batch_size)
+    ref_train = precompute_reference(ref, train_pairs, tok, device, cfg.batch_size)                # (N, 2)
+    ref_val = precompute_reference(ref, val_pairs, tok, device, cfg.batch_size)
     print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs; reference "
           f"log-probs precomputed in {time.time() - t_ref:.1f}s", flush=True)
 
@@ -314,9 +313,9 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         chosen_logp, rejected_logp = response_logprobs(train_fwd, [train_pairs[i] for i in idx], tok,
                                                        device)
         ref_chosen, ref_rejected = ref_train[idx].to(device).unbind(1)
-        chosen_tokens = torch.tensor([len(train_pairs[i][0]) - train_pairs[i][2] for i in idx],
-                                     device=device)  # (B,) |y_w|, the end token included
-        nll_norm = all_reduce_sum(float(chosen_tokens.sum()), dist) / dist.world_size
+        lengths_w = [len(train_pairs[i][0]) - train_pairs[i][2] for i in idx]  # |y_w|, end included
+        chosen_tokens = torch.tensor(lengths_w, device=device)                      # (B,)
+        nll_norm = all_reduce_sum(sum(lengths_w), dist) / dist.world_size  # the whole batch's mean
         loss, stats = dpo_loss(chosen_logp, rejected_logp, ref_chosen, ref_rejected, cfg.beta,
                                cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha, chosen_tokens,
                                nll_norm)

@@ -6,7 +6,7 @@ natively — CUDA GPUs, and CPUs with AMX tiles (Intel Xeon since Sapphire Rapid
 float32 elsewhere (`--precision auto`, the default); weights, gradients and optimizer state stay
 float32 either way, and losses are taken in float32. `--precision fp32` is the obvious path
 everything is tested against. Measured on a 2-core AMX Xeon (benchmarks/train_step.py): a
-built-in-world training step 1.45x faster in bf16; on CPUs without AMX bf16 is slower than
+built-in-world training step 1.38x faster in bf16; on CPUs without AMX bf16 is slower than
 float32, so auto keeps float32 there. The scripts call `set_precision(cfg.precision)` once at
 start and then `autocast(device)` wherever a model runs forward; nothing else asks.
 
@@ -16,6 +16,7 @@ start and then `autocast(device)` wherever a model runs forward; nothing else as
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -42,8 +43,10 @@ def set_precision(name: str) -> None:
     _precision = name
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 matrices in hardware: CUDA, or a CPU with AMX."""
+    """Whether the device multiplies bf16 matrices in hardware: CUDA, or a CPU with AMX (asked
+    once per device: autocast and pad_batch ask at every step)."""
     if device.type == "cuda":
         return True
     try:

@@ -103,8 +103,9 @@ class CausalSelfAttention(nn.Module):
             # CPU kernels are ~10x faster than the bf16 ones (backward above all); the matmuls
             # around it are where bf16 pays
             with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
-                                                   is_causal=allowed is None, dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   attn_mask=allowed, is_causal=allowed is None,
+                                                   dropout_p=dropout)
             y = y.to(torch.bfloat16)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,

@@ -215,7 +215,8 @@ def seed_everything(seed: int) -> None:
 
 def start_run(cfg, prog: str) -> Dist:
     """Resolve the device and precision, join torchrun's processes if there are several, print
-    the config, seed every RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
+    the config, seed every RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size,
+    is_main, device."""
     try:
         set_precision(getattr(cfg, "precision", "auto"))
         dist = setup(resolve_device(cfg.device))
