@@ -154,7 +154,7 @@ class DPOConfig:
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds data order and evaluation sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
     compile: bool = False             # torch.compile the policy (CUDA only)
     # objective
     beta: float = 0.3                 # β: strength of the KL anchor implied by the loss (values compared in README, Results)

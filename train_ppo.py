@@ -191,7 +191,7 @@ class PPOConfig:
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds prompt order, sampling, minibatch order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
     compile: bool = False             # torch.compile the policy (CUDA only)
     # rollout
     iterations: int = 100             # PPO iterations (rollout + update each)

@@ -182,7 +182,7 @@ class RMConfig:
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds pair sampling, labels, data order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
     # pairs
     n_pairs: int = 48000              # training pairs to sample
     n_val_pairs: int = 1000           # validation pairs (from validation prompts)

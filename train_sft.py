@@ -94,7 +94,7 @@ class SFTConfig:
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     seed: int = 0                     # seeds data order, initialisation and sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
     compile: bool = False             # torch.compile the model (CUDA only)
     # model, when training from scratch (ignored with --init)
     n_layer: int = 4                  # transformer blocks

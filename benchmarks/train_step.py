@@ -23,8 +23,8 @@ steps also run on the plain paths — unfused AdamW, eager (with --compile), the
 (B, 1, T, T) attention mask instead of `is_causal` (which keeps SDPA off its flash kernel), and
 float32 with none of it — interleaved step by step so machine noise hits all alike; `ratios`
 give fast / plain throughput. On CPU the paths are what the scripts do there: bf16 autocast on
-CPUs with AMX (attention in float32, minirlhf/device.py) beside float32, and float32 with the
-explicit mask; elsewhere float32 alone.
+CPUs with AMX or AVX512-BF16 (attention in float32, minirlhf/device.py) beside float32, and
+float32 with the explicit mask; elsewhere float32 alone.
 
 Left out on purpose: data loading (random tokens), gradient accumulation, DDP, activation
 checkpointing.
@@ -160,10 +160,10 @@ def main(argv=None):
             skipped.append("compile vs eager: pass --compile")
     else:
         paths = [Variant("plain", bf16=False, fused=False, compiled=False)]
-        if native_bf16(device):  # AMX: bf16 autocast is what the scripts do here (device.py)
+        if native_bf16(device):  # AMX or AVX512-BF16: the scripts run bf16 here (device.py)
             paths.insert(0, Variant("bf16", bf16=True, fused=False, compiled=False))
         else:
-            skipped.append("bf16: this CPU has no AMX (the scripts stay in float32 here)")
+            skipped.append("bf16: this CPU has neither AMX nor AVX512-BF16 (the scripts stay in float32 here)")
         if cfg.compare:
             paths.append(Variant("explicit_mask", bf16=False, fused=False, compiled=False,
                                  causal=False))

@@ -2,12 +2,13 @@
 auto|fp32|bf16`, and the only place that branches on them.
 
 Precision. Forward passes run under bf16 autocast where the hardware multiplies bf16 matrices
-natively — CUDA GPUs, and CPUs with AMX tiles (Intel Xeon since Sapphire Rapids) — and in plain
-float32 elsewhere (`--precision auto`, the default); weights, gradients and optimizer state stay
-float32 either way, and losses are taken in float32. `--precision fp32` is the obvious path
-everything is tested against. Measured on a 2-core AMX Xeon (benchmarks/train_step.py): a
-built-in-world training step 1.38x faster in bf16; on CPUs without AMX bf16 is slower than
-float32, so auto keeps float32 there. The scripts call `set_precision(cfg.precision)` once at
+natively — CUDA GPUs, CPUs with AMX tiles (Intel Xeon since Sapphire Rapids) and CPUs with
+AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake) — and in plain float32
+elsewhere (`--precision auto`, the default); weights, gradients and optimizer state stay float32
+either way, and losses are taken in float32. `--precision fp32` is the obvious path everything
+is tested against. Measured with benchmarks/train_step.py, a built-in-world training step in
+bf16 against float32: 1.38x on a 2-core AMX Xeon, 1.95x on a 2-core AVX512-BF16 EPYC; on CPUs
+with neither (AVX2 only) bf16 is slower than float32, so auto keeps float32 there. The scripts call `set_precision(cfg.precision)` once at
 start and then `autocast(device)` wherever a model runs forward; nothing else asks.
 
 `--compile` wraps the model in `torch.compile` on CUDA (on CPU it measured no faster here, after
@@ -45,12 +46,12 @@ def set_precision(name: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 matrices in hardware: CUDA, or a CPU with AMX (asked
-    once per device: autocast and pad_batch ask at every step)."""
+    """Whether the device multiplies bf16 matrices in hardware: CUDA, or a CPU with AMX tiles or
+    AVX512-BF16 instructions (asked once per device: autocast and pad_batch ask at every step)."""
     if device.type == "cuda":
         return True
     try:
-        return bool(torch.cpu._is_amx_tile_supported())
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # older torch: no way to ask, so no bf16 by default
         return False
 

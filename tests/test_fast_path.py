@@ -106,7 +106,8 @@ def test_fp32_precision_on_cpu_is_the_plain_path(precision):
 
 
 def test_precision_setting_decides_bf16(precision):
-    """auto uses bf16 exactly where the hardware multiplies it natively (CUDA, AMX CPUs); fp32
+    """auto uses bf16 exactly where the hardware multiplies it natively (CUDA, AMX or AVX512-BF16
+    CPUs); fp32
     never does, bf16 always does; anything else is refused."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     precision("auto")
@@ -117,6 +118,21 @@ def test_precision_setting_decides_bf16(precision):
     assert uses_bf16(cpu) and uses_bf16(cuda)
     with pytest.raises(ValueError, match="--precision"):
         precision("fp16")
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, False), (True, False, True),
+                                                      (False, True, True), (True, True, True)])
+def test_native_bf16_on_cpu_follows_the_instruction_set(monkeypatch, amx, avx512_bf16, expected):
+    """A CPU counts as native bf16 when it has AMX tiles or AVX512-BF16 dot products, and not
+    otherwise (AVX2-only CPUs, where bf16 measured slower than float32); CUDA always does."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    native_bf16.cache_clear()
+    try:
+        assert native_bf16(torch.device("cpu")) is expected
+        assert native_bf16(torch.device("cuda")) is True
+    finally:
+        native_bf16.cache_clear()  # the next test asks the real CPU again
 
 
 @pytest.mark.parametrize("device", DEVICES)
