@@ -55,13 +55,15 @@ class KVCache:
 
     `mask` (B, T_max) remembers which cached positions hold real tokens, and `pos` (B,) the
     position id the next token of each row gets. `length` is how many columns are filled.
+    Attention reads only the first `length` columns, each written before it is read, so the
+    keys and values start uninitialised and `keep` copies only the filled columns.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
@@ -70,7 +72,12 @@ class KVCache:
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a LongTensor of row indices), in this order: the sampler
         drops finished rows so that later steps compute nothing for them."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        n = self.length
+        k = self.k.new_empty(self.k.shape[0], len(rows), *self.k.shape[2:])
+        v = self.v.new_empty(k.shape)
+        k[:, :, :, :n] = self.k[:, rows, :, :n]
+        v[:, :, :, :n] = self.v[:, rows, :, :n]
+        self.k, self.v = k, v
         self.mask, self.pos = self.mask[rows], self.pos[rows]
 
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.sampler import filter_logits, generate
+from minirlhf.sampler import categorical, filter_logits, generate
 
 V = 48
 PAD = 0
@@ -133,6 +133,31 @@ def test_dropping_finished_rows_changes_no_token(seed, kw):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_cache_columns_not_yet_written_are_never_read(seed, monkeypatch):
+    """The KV cache starts uninitialised and `keep` copies only the filled columns: with every
+    uninitialised key and value set to NaN (fresh caches, and the new tensors `keep` copies
+    into), the cached path still draws the reference path's tokens with finite log-probs."""
+    from minirlhf.model import KVCache
+    model, prompts = tiny_gpt(seed), ragged_prompts(seed, n=12)
+    free = run(model, prompts, n=16, seed=seed)
+    eos = int(free.tokens[:, free.prompt_len + 2:].flatten().mode().values)  # a common token
+    def size(shape):  # empty(2, 3) and empty((2, 3)) alike
+        return shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+    drops, keep = [], KVCache.keep
+    monkeypatch.setattr(torch, "empty",
+                        lambda *shape, **kw: torch.full(size(shape), float("nan"), **kw))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *shape, **kw: self.new_full(size(shape), float("nan"), **kw))
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows: (drops.append(1), keep(self, rows)))
+    fast = run(model, prompts, n=16, seed=seed, eos_id=eos, use_cache=True)
+    monkeypatch.undo()
+    slow = run(model, prompts, n=16, seed=seed, eos_id=eos, use_cache=False)
+    assert drops, "no row was dropped from the cache: the test did not exercise keep"
+    assert torch.isfinite(fast.logprobs).all()
+    assert torch.equal(fast.tokens, slow.tokens)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_tiny_temperature_and_top_k_1_equal_greedy(seed):
     """As temperature -> 0 sampling becomes argmax; top_k=1 at temperature 1 is argmax too, and
     reports the untempered greedy log-probs."""
@@ -174,6 +199,44 @@ def test_top_p_keeps_the_smallest_set_reaching_p(data, V_, B, p):
         assert mass - least < p + 1e-5
         if (~kept).any():
             assert least >= probs[~kept].max()
+
+
+@given(logits=st.lists(st.floats(-6, 6), min_size=2, max_size=12), n_zero=st.integers(0, 6),
+       seed=st.integers(0, 2**31 - 1))
+def test_categorical_draws_follow_the_probabilities(logits, n_zero, seed):
+    """The inverse-CDF draw reproduces its distribution: over 40,000 draws every token's frequency
+    is within 5 standard errors of its probability, as torch.multinomial's is on the same row,
+    and a token of probability 0 (top-k / top-p filtered, here the first n_zero tokens, at least
+    one kept) is never drawn."""
+    probs = torch.tensor(logits, dtype=torch.float32).softmax(-1)              # (V,)
+    n_zero = min(n_zero, len(logits) - 1)
+    probs[:n_zero] = 0.0
+    probs = probs / probs.sum()
+    N = 40_000
+    g = torch.Generator().manual_seed(seed)
+    ours = categorical(probs.expand(N, -1).contiguous(), g)                      # (N,)
+    ref = torch.multinomial(probs, N, replacement=True, generator=g)            # (N,)
+    se = (probs * (1 - probs) / N).sqrt()
+    for draws in (ours, ref):
+        freq = torch.bincount(draws, minlength=len(probs)).float() / N
+        assert (freq - probs).abs().le(5 * se + 1e-6).all(), (freq, probs)
+    assert not ours[:, None].eq(torch.arange(n_zero)).any(), "drew a token of probability 0"
+
+
+def test_categorical_edges_of_the_uniform_draw(monkeypatch):
+    """u = 0 picks the first token with mass; u just below 1 the last token with mass (never a
+    zero-probability token after it, even when the running sum rounds short of 1); and exactly
+    one uniform number is drawn per row."""
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0]] * 2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    categorical(probs, g1)
+    torch.rand(2, 1, generator=g2)
+    assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+    real_rand = torch.rand
+    for u, expect in ((0.0, 1), (1.0 - 2**-24, 2)):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **kw: real_rand(*a, **kw) * 0 + u)
+        assert categorical(probs).tolist() == [expect, expect]
+        assert categorical(probs * 0.999999).tolist() == [expect, expect]  # sum short of 1
 
 
 @given(rows=st.lists(st.lists(st.floats(-8, 8), min_size=6, max_size=6, unique=True),
