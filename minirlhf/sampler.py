@@ -112,8 +112,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: in
     reproducible. Finished rows keep receiving `pad_id`, masked out of attention and outputs;
     the cached path also stops running the model on them (it drops them from the cache once a
     quarter of its rows have ended: 2.3x faster on two cores for 512 built-in-world responses
-    whose longest is ~4x the mean, benchmarks/sampler.py --policy), without changing a sampled
-    token. `drop_finished=False`
+    whose longest is ~4x the mean), without changing a sampled token. `drop_finished=False`
     keeps running them (benchmarks/sampler.py --policy times both).
     """
     device = next(model.parameters()).device
