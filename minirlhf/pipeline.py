@@ -7,7 +7,7 @@
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
 equivalent command line is printed before it starts, so any stage can be rerun alone.
-All policies are judged the same way: four samples per held-out test prompt at temperature 1
+All policies are judged the same way: 16 samples per held-out test prompt at temperature 1
 (what RLHF optimises; DESIGN.md), with greedy numbers beside them in each stage's eval.json.
 
 summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds"} (see the

@@ -635,9 +635,12 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
 
 def final_evaluation(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
                 temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                repeats: int = 4) -> dict:
+                repeats: int = 16) -> dict:
     """The final evaluation every stage prints: `repeats` samples per prompt at `temperature`
-    (KL to `ref` included) and greedy decoding. Returns {"sampled": {...}, "greedy": {...}}."""
+    (KL to `ref` included) and greedy decoding. Returns {"sampled": {...}, "greedy": {...}}.
+    16 samples for each of the 152 test prompts: the sampled gold's standard error is ~0.007
+    (measured from the spread within prompts), so a gap-closed figure moves by ~1.5 points
+    between evaluation seeds; with 4 samples it moved by ~3."""
     out = {}
     for name, temp in (("sampled", temperature), ("greedy", 0.0)):
         r = evaluate(policy, tokenizer, prompts, ref=ref if temp == 1.0 else None,
