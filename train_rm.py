@@ -49,7 +49,7 @@ from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, distinct_rows, fail,
                                group_batches, lr_at, make_optimizer, pad_batch, pair_groups, set_lr,
                                start_run, write_json)
-from minirlhf.world import World, bayes_accuracy, expected_accuracy, label_pair
+from minirlhf.world import World, bayes_accuracy, expected_accuracy, label_pair, shortfall_by_kind
 
 
 def preference_probability(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
@@ -415,8 +415,9 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         triples = [(r["prompt"], r["chosen"], r["rejected"]) for r in test_rows]
         try:
             result["bayes_accuracy"] = bayes_accuracy(triples)
-            result["test_expected_accuracy"] = expected_accuracy(
-                triples, (ev["r_chosen"] - ev["r_rejected"]).tolist())
+            margins = (ev["r_chosen"] - ev["r_rejected"]).tolist()
+            result["test_expected_accuracy"] = expected_accuracy(triples, margins)
+            result["test_shortfall"] = shortfall_by_kind(triples, margins)
         except ValueError:
             pass  # pairs from outside the built-in world have no known Bayes limit
         try:
@@ -428,6 +429,9 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
               + (f" (expected over the labels' noise {result['test_expected_accuracy']:.3f})"
                  f" | Bayes limit {bayes:.3f}" if bayes is not None else "")
               + f" | loss {ev['loss']:.4f}")
+        if "test_shortfall" in result:
+            print("points under the Bayes limit, by kind of test pair: " + ", ".join(
+                f"{kind} {v['points_lost']:.2f}" for kind, v in result["test_shortfall"].items()))
         print("calibration:  bin       n   predicted  observed")
         for r in rows:
             print(f"              {r['bin']}  {r['n']:4d}   {r['predicted']:.3f}      {r['observed']:.3f}")

@@ -149,6 +149,8 @@ def main(argv=None):
                 "greedy_gold": sft["greedy"]["gold"], "greedy_accuracy": sft["greedy"]["accuracy"],
                 "kl": 0.0, "seconds": timings["sft"]},
         "rm": {"test_accuracy": rm.get("test_accuracy"), "bayes_accuracy": rm.get("bayes_accuracy"),
+               "expected_accuracy": rm.get("test_expected_accuracy"),
+               "shortfall": {k: v["points_lost"] for k, v in rm.get("test_shortfall", {}).items()},
                "n_pairs": rm["n_train_pairs"], "seconds": timings["rm"]},
         "ppo": {"gold": ppo["sampled"]["gold"], "accuracy": ppo["sampled"]["accuracy"],
                 "kl": ppo["sampled"]["kl"], "proxy": ppo["test_proxy"],
@@ -217,7 +219,8 @@ def print_table(s: dict) -> None:
     for name, r, acc2, gap in rows:
         extra = ""
         if name == "RM":
-            extra = f"  (Bayes limit {f(s['rm']['bayes_accuracy'], '.3f')})"
+            extra = (f"  (expected {f(s['rm'].get('expected_accuracy'), '.3f')}, "
+                     f"Bayes limit {f(s['rm']['bayes_accuracy'], '.3f')})")
         seconds = (s["rm"] if name == "RM" else r).get("seconds")
         print(f"{name:<11} {f(r.get('gold'), '7.3f'):>7} {f(r.get('accuracy'), '9.3f'):>9} "
               f"{f(r.get('kl'), '10.2f'):>10} {f(acc2, '16.3f'):>16} {f(gap, '11.2f'):>11} "

@@ -358,6 +358,13 @@ def label_pair(prompt: PromptLike, a: str, b: str, rng, ended_a: bool = True,
     return (a, b) if rng.random() < p else (b, a)
 
 
+def pair_label_prob(pair: Pair) -> float:
+    """P(a ≻ b) for a pair (prompt, a, b) or (prompt, a, b, ended_a, ended_b)."""
+    prompt, a, b = pair[:3]
+    ended_a, ended_b = (pair[3], pair[4]) if len(pair) == 5 else (True, True)
+    return preference_prob(prompt, a, b, ended_a, ended_b)
+
+
 def bayes_accuracy(pairs: Iterable[Pair]) -> float:
     """E[max(σ(Δ/T), 1 − σ(Δ/T))]: the best pair accuracy any reward model reaches on BT labels.
 
@@ -365,9 +372,7 @@ def bayes_accuracy(pairs: Iterable[Pair]) -> float:
     """
     accs = []
     for pair in pairs:
-        prompt, a, b = pair[:3]
-        ended_a, ended_b = (pair[3], pair[4]) if len(pair) == 5 else (True, True)
-        q = preference_prob(prompt, a, b, ended_a, ended_b)
+        q = pair_label_prob(pair)
         accs.append(max(q, 1.0 - q))
     if not accs:
         raise ValueError("bayes_accuracy needs at least one pair")
@@ -385,11 +390,35 @@ def expected_accuracy(pairs: Sequence[Pair], margins: Sequence[float]) -> float:
         raise ValueError("expected_accuracy needs one margin per pair, and at least one pair")
     accs = []
     for pair, m in zip(pairs, margins):
-        prompt, a, b = pair[:3]
-        ended_a, ended_b = (pair[3], pair[4]) if len(pair) == 5 else (True, True)
-        q = preference_prob(prompt, a, b, ended_a, ended_b)
+        q = pair_label_prob(pair)
         accs.append(q if m > 0 else 1.0 - q)
     return float(np.mean(accs))
+
+
+def shortfall_by_kind(pairs: Sequence[Pair], margins: Sequence[float]) -> dict[str, dict]:
+    """Where a predictor loses accuracy against the Bayes limit, by kind of pair: "<family>
+    right vs wrong" (exactly one answer correct), "both right" (style alone decides) and "both
+    wrong". For each kind: n, the expected accuracy (`expected_accuracy`), the Bayes limit, and
+    the points it costs overall, 100·Σ(best − expected)/N over the kind's pairs, so the kinds'
+    points add up to 100·(bayes_accuracy − expected_accuracy) of all the pairs.
+    """
+    if len(pairs) != len(margins) or not pairs:
+        raise ValueError("shortfall_by_kind needs one margin per pair, and at least one pair")
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for pair, m in zip(pairs, margins):
+        prompt, a, b = pair[:3]
+        q = pair_label_prob(pair)
+        right_a, right_b = correct(prompt, a), correct(prompt, b)
+        kind = (f"{lookup(prompt).family} right vs wrong" if right_a != right_b
+                else "both right" if right_a else "both wrong")
+        kinds.setdefault(kind, []).append((q if m > 0 else 1.0 - q, max(q, 1.0 - q)))
+    out = {}
+    for kind in sorted(kinds):
+        got, best = np.array(kinds[kind]).T
+        out[kind] = {"n": len(got), "expected_accuracy": float(got.mean()),
+                     "bayes_accuracy": float(best.mean()),
+                     "points_lost": float(100 * (best - got).sum() / len(pairs))}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

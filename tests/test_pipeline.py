@@ -4,11 +4,13 @@ import json
 import math
 import os
 
+import pytest
+
 from minirlhf import pipeline
 
 KEYS = {"world": {"demonstrators_gold", "optimum_gold", "n_test_prompts"},
         "sft": {"gold", "accuracy", "seconds"},
-        "rm": {"test_accuracy", "bayes_accuracy", "seconds"},
+        "rm": {"test_accuracy", "bayes_accuracy", "expected_accuracy", "seconds"},
         "ppo": {"gold", "accuracy", "kl", "proxy", "seconds"},
         "ppo_no_kl": {"gold", "proxy", "kl", "seconds"},
         "dpo": {"gold", "accuracy", "kl", "seconds"}}
@@ -29,6 +31,9 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py"):
         assert f"$ python {script} --out {out}" in printed
     assert "--kl-coef 0.0" in printed  # the β = 0 run is the same script with one flag changed
+    shortfall = on_disk["rm"]["shortfall"]  # points under the Bayes limit, by kind of test pair
+    assert shortfall and sum(shortfall.values()) == pytest.approx(
+        100 * (on_disk["rm"]["bayes_accuracy"] - on_disk["rm"]["expected_accuracy"]))
     curve = on_disk["kl_optimum"]["points"]  # the closed-form optimum at each β
     assert len(curve) >= 4 and all(math.isfinite(c[k]) for c in curve for k in ("gold", "kl"))
     golds = [c["gold"] for c in sorted(curve, key=lambda c: c["beta"])]

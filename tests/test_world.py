@@ -9,7 +9,8 @@ from hypothesis import given, strategies as st
 from minirlhf import world as W
 from minirlhf.world import (BT_TEMPERATURE, DEMONSTRATORS, FAMILIES, PROMPTS, World, bayes_accuracy,
                             correct, demonstration, expected_accuracy, gold_reward, label_pair, lookup,
-                            optimal_response, optimal_score, parse, preference_prob, wrong_value)
+                            optimal_response, optimal_score, parse, preference_prob, shortfall_by_kind,
+                            wrong_value)
 
 prompt_texts = st.sampled_from(sorted(PROMPTS))
 seeds = st.integers(0, 2**32 - 1)
@@ -215,6 +216,36 @@ def test_expected_accuracy_of_the_judge_is_the_bayes_limit():
         np.mean([q[0], q[1], 1 - q[2], 1 - q[3]]), abs=1e-12)
     with pytest.raises(ValueError):
         expected_accuracy(pairs, [1.0])
+
+
+def test_shortfall_by_kind_sorts_pairs_and_adds_up_to_the_whole_gap():
+    """Pairs go to "<family> right vs wrong", "both right" or "both wrong" by the judge's
+    correctness; a predictor that ranks by the gold score loses 0 points in every kind; one that
+    ranks only the "both wrong" pairs the wrong way loses points there alone; and the kinds'
+    points add up to 100·(Bayes limit − expected accuracy) of all the pairs."""
+    cap, nxt = "What is the capital of Japan?", "What number comes after 7?"
+    pairs = [(cap, optimal_response(cap), "The capital of Japan is Rome."),      # capital r/w
+             (cap, "Of course! The capital of Japan is Tokyo.", "Tokyo."),        # both right
+             (nxt, "Sure! 9 comes after 7.", "6 comes after 7."),                 # both wrong
+             (nxt, "Lima.", "Sure! 8 comes after 7. I counted up by one.")]       # after r/w
+    gold = [gold_reward(p, a) - gold_reward(p, b) for p, a, b in pairs]
+    judge = shortfall_by_kind(pairs, gold)
+    assert set(judge) == {"capital right vs wrong", "both right", "both wrong",
+                          "after right vs wrong"}
+    assert all(v["n"] == 1 and v["points_lost"] == pytest.approx(0, abs=1e-12)
+               for v in judge.values())
+    flipped = [g if i != 2 else -g for i, g in enumerate(gold)]
+    out = shortfall_by_kind(pairs, flipped)
+    q = sig(gold[2] / BT_TEMPERATURE)  # 0.1 gold apart: the opener
+    assert out["both wrong"]["points_lost"] == pytest.approx(100 * (2 * q - 1) / 4)
+    assert out["both wrong"]["expected_accuracy"] == pytest.approx(1 - q)
+    assert sum(v["points_lost"] for k, v in out.items() if k != "both wrong") == pytest.approx(0)
+    rng = np.random.default_rng(0)
+    margins = rng.normal(size=len(pairs)).tolist()
+    total = sum(v["points_lost"] for v in shortfall_by_kind(pairs, margins).values())
+    assert total == pytest.approx(100 * (bayes_accuracy(pairs) - expected_accuracy(pairs, margins)))
+    with pytest.raises(ValueError):
+        shortfall_by_kind(pairs, [1.0])
 
 
 # ----- splits, determinism, demonstrators
