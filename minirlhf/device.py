@@ -7,7 +7,7 @@ AVX512-BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake) — and in pla
 elsewhere (`--precision auto`, the default); weights, gradients and optimizer state stay float32
 either way, and losses are taken in float32. `--precision fp32` is the obvious path everything
 is tested against. Measured with benchmarks/train_step.py, a built-in-world training step in
-bf16 against float32: 1.38x on a 2-core AMX Xeon, 1.95x on a 2-core AVX512-BF16 EPYC; on CPUs
+bf16 against float32: 1.38x on a 2-core AMX Xeon, 1.97x on a 2-core AVX512-BF16 EPYC; on CPUs
 with neither (AVX2 only) bf16 is slower than float32, so auto keeps float32 there. The scripts call `set_precision(cfg.precision)` once at
 start and then `autocast(device)` wherever a model runs forward; nothing else asks.
 
