@@ -196,7 +196,10 @@ class MetricsLog:
             return
         row = {"step": step}
         for k, v in metrics.items():
-            row[k] = float(v) if isinstance(v, (torch.Tensor, np.floating)) else v
+            v = float(v) if isinstance(v, (torch.Tensor, np.floating)) else v
+            # NaN is not JSON: an undefined number (the explained variance of a run without a
+            # value model) is written as null, so jq and strict parsers read every line
+            row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -135,6 +135,10 @@ def test_ppo_runs_each_advantage_mode(tmp_path, sft_dir, rm_dir, advantage):
                                               advantage=advantage, **PPO))
     rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    def no_constants(name):  # strict JSON: NaN or Infinity in a line is a bug
+        raise AssertionError(f"metrics.jsonl holds {name}")
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        json.loads(line, parse_constant=no_constants)
     for r in rows:
         for key in ("proxy", "kl", "approx_kl", "clipfrac", "entropy", "time_update"):
             assert r[key] == r[key] and abs(r[key]) < 1e6, (key, r[key])
