@@ -163,7 +163,8 @@ def main(argv=None):
         if native_bf16(device):  # AMX or AVX512-BF16: the scripts run bf16 here (device.py)
             paths.insert(0, Variant("bf16", bf16=True, fused=False, compiled=False))
         else:
-            skipped.append("bf16: this CPU has neither AMX nor AVX512-BF16 (the scripts stay in float32 here)")
+            skipped.append("bf16: this CPU has neither AMX nor AVX512-BF16 "
+                           "(the scripts stay in float32 here)")
         if cfg.compare:
             paths.append(Variant("explicit_mask", bf16=False, fused=False, compiled=False,
                                  causal=False))

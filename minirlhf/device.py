@@ -8,8 +8,9 @@ elsewhere (`--precision auto`, the default); weights, gradients and optimizer st
 either way, and losses are taken in float32. `--precision fp32` is the obvious path everything
 is tested against. Measured with benchmarks/train_step.py, a built-in-world training step in
 bf16 against float32: 1.38x on a 2-core AMX Xeon, 1.97x on a 2-core AVX512-BF16 EPYC; on CPUs
-with neither (AVX2 only) bf16 is slower than float32, so auto keeps float32 there. The scripts call `set_precision(cfg.precision)` once at
-start and then `autocast(device)` wherever a model runs forward; nothing else asks.
+with neither (AVX2 only) bf16 is slower than float32, so auto keeps float32 there. The scripts
+call `set_precision(cfg.precision)` once at start and then `autocast(device)` wherever a model
+runs forward; nothing else asks.
 
 `--compile` wraps the model in `torch.compile` on CUDA (on CPU it measured no faster here, after
 ~40 s of compiling).

@@ -73,8 +73,8 @@ class KVCache:
         """Keep only these batch rows (a LongTensor of row indices), in this order: the sampler
         drops finished rows so that later steps compute nothing for them."""
         n = self.length
-        k = self.k.new_empty(self.k.shape[0], len(rows), *self.k.shape[2:])
-        v = self.v.new_empty(k.shape)
+        k = self.k.new_empty(self.k.shape[0], len(rows), *self.k.shape[2:])  # (L, A, nh, Tmax, hs)
+        v = self.v.new_empty(k.shape)                                        # (L, A, nh, Tmax, hs)
         k[:, :, :, :n] = self.k[:, rows, :, :n]
         v[:, :, :, :n] = self.v[:, rows, :, :n]
         self.k, self.v = k, v

@@ -91,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at several β")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 autocast on CUDA and bf16-native CPUs (minirlhf/device.py)")
+                        help="auto: bf16 on CUDA and bf16-native CPUs (minirlhf/device.py)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -219,14 +219,15 @@ def test_categorical_draws_follow_the_probabilities(logits, n_zero, seed):
     se = (probs * (1 - probs) / N).sqrt()
     for draws in (ours, ref):
         freq = torch.bincount(draws, minlength=len(probs)).float() / N
-        assert (freq - probs).abs().le(5 * se + 1e-6).all(), (freq, probs)
+        # 5 standard errors, plus 3 draws for tokens so rare that one draw already exceeds that
+        assert (freq - probs).abs().le(5 * se + 3 / N).all(), (freq, probs)
     assert not ours[:, None].eq(torch.arange(n_zero)).any(), "drew a token of probability 0"
 
 
 def test_categorical_edges_of_the_uniform_draw(monkeypatch):
     """u = 0 picks the first token with mass; u just below 1 the last token with mass (never a
-    zero-probability token after it, even when the running sum rounds short of 1); and exactly
-    one uniform number is drawn per row."""
+    zero-probability token after it, even when the running sum rounds short of 1); exactly one
+    uniform number is drawn per row; and a row of NaN, inf or zeros is refused, not sampled."""
     probs = torch.tensor([[0.0, 0.3, 0.7, 0.0]] * 2)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     categorical(probs, g1)
@@ -237,6 +238,12 @@ def test_categorical_edges_of_the_uniform_draw(monkeypatch):
         monkeypatch.setattr(torch, "rand", lambda *a, u=u, **kw: real_rand(*a, **kw) * 0 + u)
         assert categorical(probs).tolist() == [expect, expect]
         assert categorical(probs * 0.999999).tolist() == [expect, expect]  # sum short of 1
+    monkeypatch.undo()
+    for bad in (float("nan"), float("inf"), 0.0):  # NaN logits, overflow, a row with no mass
+        rows = probs.clone()
+        rows[1] = bad
+        with pytest.raises(ValueError, match="NaN or inf, or a row has no mass"):
+            categorical(rows)
 
 
 @given(rows=st.lists(st.lists(st.floats(-8, 8), min_size=6, max_size=6, unique=True),

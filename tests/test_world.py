@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from minirlhf import world as W
-from minirlhf.world import (BT_TEMPERATURE, DEMONSTRATORS, FAMILIES, PROMPTS, World, bayes_accuracy,
-                            correct, demonstration, expected_accuracy, gold_reward, label_pair, lookup,
-                            optimal_response, optimal_score, parse, preference_prob, shortfall_by_kind,
-                            wrong_value)
+from minirlhf.world import (BT_TEMPERATURE, DEMONSTRATORS, FAMILIES, PROMPTS, World,
+                            bayes_accuracy, correct, demonstration, expected_accuracy,
+                            gold_reward, label_pair, lookup, optimal_response, optimal_score,
+                            parse, preference_prob, shortfall_by_kind, wrong_value)
 
 prompt_texts = st.sampled_from(sorted(PROMPTS))
 seeds = st.integers(0, 2**32 - 1)
