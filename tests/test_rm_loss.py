@@ -73,6 +73,39 @@ def test_gradients(pairs):
     torch.testing.assert_close(r_l.grad, s)
 
 
+probs = st.floats(0, 1, allow_nan=False)
+
+
+@given(st.lists(st.tuples(rewards, rewards, probs), min_size=1, max_size=8))
+def test_label_probability_loss_is_the_expected_loss_over_the_labellers_coin(pairs):
+    """With p_chosen = q the loss is what the lecture's loss averages to over a labeller who
+    prefers a with probability q: q·L(a ≻ b) + (1 − q)·L(b ≻ a), pair by pair; q = 1 is the
+    lecture's loss itself; ∂L/∂Δ = (σ(Δ) − q)/B, zero exactly where σ(Δ) matches q."""
+    r_a = as_tensor([p[0] for p in pairs]).requires_grad_()
+    r_b = as_tensor([p[1] for p in pairs])
+    q = as_tensor([p[2] for p in pairs])
+    loss, stats = reward_loss(r_a, r_b, q)
+    per_pair = [qi * reward_loss(a[None], b[None])[0] + (1 - qi) * reward_loss(b[None], a[None])[0]
+                for a, b, qi in zip(r_a.detach(), r_b, q)]
+    torch.testing.assert_close(loss, torch.stack(per_pair).mean())
+    lecture, _ = reward_loss(r_a, r_b)
+    torch.testing.assert_close(reward_loss(r_a, r_b, torch.ones_like(q))[0], lecture)
+    assert math.isclose(float(stats["accuracy"]), (r_a > r_b).double().mean().item(), rel_tol=1e-6)
+    loss.backward()
+    torch.testing.assert_close(r_a.grad, (torch.sigmoid(r_a - r_b).detach() - q) / len(pairs))
+
+
+def test_label_probability_loss_is_finite_for_huge_reward_differences_float32():
+    """The cross-entropy form stays finite at |Δ| = 1e4 in float32, for any label probability."""
+    r_w = torch.tensor([1e4, -1e4, 1e4, -1e4], requires_grad=True)
+    r_l = torch.zeros(4)
+    q = torch.tensor([0.9, 0.9, 0.0, 1.0])
+    loss, _ = reward_loss(r_w, r_l, q)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(r_w.grad).all()
+    assert math.isclose(loss.item(), (0.1 * 1e4 + 0.9 * 1e4 + 1e4 + 1e4) / 4, rel_tol=1e-5)
+
+
 def test_finite_for_huge_reward_differences_float32():
     """|Δ| up to 1e4 in float32: the loss is finite (≈ 1e4 for a badly wrong pair, 0 for a right
     one) and so are the gradients; the naive −log(sigmoid(Δ)) would give inf here."""

@@ -14,7 +14,9 @@ import train_ppo
 import train_rm
 import train_sft
 from minirlhf.checkpoint import load_checkpoint, load_stage
+from minirlhf.data import DataError
 from minirlhf.training import read_metrics
+from minirlhf.world import pair_label_prob
 
 TINY_SFT = dict(n_layer=1, n_head=2, n_embd=32, max_steps=60, n_examples=1000, batch_size=32,
                 log_every=20, eval_every=30, ckpt_every=20, n_show=1, max_new_tokens=32,
@@ -104,6 +106,45 @@ def test_rm_makes_pairs_and_trains(rm_dir):
     ev = json.load(open(os.path.join(rm_dir, "eval.json")))
     assert 0 <= ev["test_accuracy"] <= 1 and 0.5 <= ev["bayes_accuracy"] <= 1
     assert sum(r["n"] for r in ev["calibration"]) == 2 * 32  # every pair, both orders
+
+
+def test_rm_noise_free_labels_train_on_the_labellers_probability(tmp_path, monkeypatch, sft_dir,
+                                                                 rm_dir):
+    """--noise-free-labels hands reward_loss the world's P(chosen ≻ rejected) for every pair of
+    each batch, and refuses pairs whose prompts are not the built-in world's, naming the file."""
+    scored, seen = [], []
+    real_score, real_loss = train_rm.score_pairs, train_rm.reward_loss
+
+    def score_spy(score, pairs, tok, device):
+        scored.append(pairs)
+        return real_score(score, pairs, tok, device)
+
+    def loss_spy(r_w, r_l, p=None):
+        seen.append((scored[-1], p))
+        return real_loss(r_w, r_l, p)
+
+    monkeypatch.setattr(train_rm, "score_pairs", score_spy)
+    monkeypatch.setattr(train_rm, "reward_loss", loss_spy)
+    data = os.path.join(rm_dir, "prefs.jsonl")
+    rows = [json.loads(l) for l in open(data)]
+    cfg = train_rm.RMConfig(out=str(tmp_path / "rm"), sft=sft_dir, data=data,
+                            **{**RM, "make_pairs": False, "noise_free_labels": True})
+    train_rm.train(cfg)
+    _, tok, _ = load_stage(sft_dir, "gpt")
+    prob = {(tuple(c), tuple(r)): pair_label_prob((row["prompt"], row["chosen"], row["rejected"]))
+            for (c, r), row in zip(train_rm.encode_pairs(rows, tok), rows)}
+    steps = [(pairs, p) for pairs, p in seen if p is not None]  # evaluation passes no p
+    assert len(steps) == RM["max_steps"]
+    for pairs, p in steps:  # each pair's own labeller probability, in the batch's order
+        expected = [prob[(tuple(c), tuple(r))] for c, r in pairs]
+        torch.testing.assert_close(p, torch.tensor(expected, dtype=torch.float32))
+    assert any(v < 0.99 for _, p in steps for v in p.tolist())  # not hard labels in disguise
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text(json.dumps({"prompt": "Who wrote Hamlet?", "chosen": "Shakespeare.",
+                                   "rejected": "Dickens."}) + "\n")
+    with pytest.raises(DataError, match="outside.jsonl.*--noise-free-labels needs pairs of the "
+                                        "built-in world"):
+        train_rm.train(dataclasses.replace(cfg, data=str(outside), out=str(tmp_path / "rm2")))
 
 
 def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir):
