@@ -88,7 +88,10 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     if p_chosen is None:
         loss = -F.logsigmoid(delta).mean()  # L_RM = −mean log σ(Δ), lecture ch. 6
     else:  # E over the labeller's coin: p·(−log σ(Δ)) + (1 − p)·(−log σ(−Δ))
-        p_chosen = p_chosen.to(delta.dtype)
+        if p_chosen.shape != delta.shape:
+            raise ValueError(f"p_chosen has shape {tuple(p_chosen.shape)}, the rewards "
+                             f"{tuple(delta.shape)}")
+        p_chosen = p_chosen.to(delta)  # the rewards' dtype and device
         loss = -(p_chosen * F.logsigmoid(delta) + (1 - p_chosen) * F.logsigmoid(-delta)).mean()
     with torch.no_grad():
         stats = {
@@ -218,8 +221,7 @@ class RMConfig:
     eval_every: int = 500             # steps between validation loss/accuracy (and checkpoints)
     patience: int = 3                 # stop after this many evaluations without a better val loss
     normalize: bool = True            # shift rewards so the SFT policy's responses average 0
-    noise_free_labels: bool = False   # built-in world: train on the labeller's P(chosen ≻ rejected)
-                                      # instead of its coin flip (what the labels' noise costs)
+    noise_free_labels: bool = False   # built-in world: the labeller's P(y_w ≻ y_l) as target
 
     def check(self):
         check_ranges(self, positive=("n_pairs", "n_val_pairs", "n_test_pairs", "max_steps",
@@ -293,12 +295,14 @@ def calibration_table(r_chosen, r_rejected, n_bins: int = 10) -> list[dict]:
 def label_probabilities(rows, path) -> torch.Tensor:
     """(N,) the built-in world's labeller probability P(chosen ≻ rejected) = σ((g_w − g_l)/T) of
     each row: the label's expectation, with the coin flip taken out (`--noise-free-labels`)."""
-    try:
-        return torch.tensor([pair_label_prob((r["prompt"], r["chosen"], r["rejected"]))
-                             for r in rows], dtype=torch.float32)
-    except ValueError as e:  # a prompt from outside the world: its labeller is unknown
-        raise DataError(path, f"--noise-free-labels needs pairs of the built-in world ({e})"
-                        ) from None
+    probs = []
+    for i, r in enumerate(rows):
+        try:
+            probs.append(pair_label_prob((r["prompt"], r["chosen"], r["rejected"])))
+        except ValueError:  # a prompt from outside the world: its labeller is unknown
+            raise DataError(path, f"record {i + 1}: --noise-free-labels needs the built-in "
+                                  f"world's prompts, not {r['prompt']!r}") from None
+    return torch.tensor(probs, dtype=torch.float32)
 
 
 def read_pairs(path, tok, block_size):
@@ -387,7 +391,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         idx = shard(batches_of(epoch)[k], dist)  # this process's share of the batch
         r_chosen, r_rejected = score_pairs(train_score, [train_pairs[i] for i in idx], tok, device)
         p = None if p_chosen is None else p_chosen[idx].to(r_chosen.device)
-        loss, stats = reward_loss(r_chosen, r_rejected, p)  # −log σ(r_w − r_l), lecture ch. 6
+        # −log σ(r_w − r_l), lecture ch. 6 (averaged over the label's coin: --noise-free-labels)
+        loss, stats = reward_loss(r_chosen, r_rejected, p)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
         check_finite(step + 1, loss=loss, grad_norm=grad_norm)  # numbered as the log numbers it

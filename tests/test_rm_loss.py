@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
@@ -82,17 +83,21 @@ def test_label_probability_loss_is_the_expected_loss_over_the_labellers_coin(pai
     prefers a with probability q: q·L(a ≻ b) + (1 − q)·L(b ≻ a), pair by pair; q = 1 is the
     lecture's loss itself; ∂L/∂Δ = (σ(Δ) − q)/B, zero exactly where σ(Δ) matches q."""
     r_a = as_tensor([p[0] for p in pairs]).requires_grad_()
-    r_b = as_tensor([p[1] for p in pairs])
+    r_b = as_tensor([p[1] for p in pairs]).requires_grad_()
     q = as_tensor([p[2] for p in pairs])
     loss, stats = reward_loss(r_a, r_b, q)
     per_pair = [qi * reward_loss(a[None], b[None])[0] + (1 - qi) * reward_loss(b[None], a[None])[0]
-                for a, b, qi in zip(r_a.detach(), r_b, q)]
+                for a, b, qi in zip(r_a.detach(), r_b.detach(), q)]
     torch.testing.assert_close(loss, torch.stack(per_pair).mean())
     lecture, _ = reward_loss(r_a, r_b)
     torch.testing.assert_close(reward_loss(r_a, r_b, torch.ones_like(q))[0], lecture)
     assert math.isclose(float(stats["accuracy"]), (r_a > r_b).double().mean().item(), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="shape"):  # a (B, 1) p would broadcast to (B, B)
+        reward_loss(r_a, r_b, q[:, None])
     loss.backward()
-    torch.testing.assert_close(r_a.grad, (torch.sigmoid(r_a - r_b).detach() - q) / len(pairs))
+    g = (torch.sigmoid(r_a - r_b).detach() - q) / len(pairs)
+    torch.testing.assert_close(r_a.grad, g)
+    torch.testing.assert_close(r_b.grad, -g)
 
 
 def test_label_probability_loss_is_finite_for_huge_reward_differences_float32():

@@ -119,9 +119,9 @@ def test_rm_noise_free_labels_train_on_the_labellers_probability(tmp_path, monke
         scored.append(pairs)
         return real_score(score, pairs, tok, device)
 
-    def loss_spy(r_w, r_l, p=None):
-        seen.append((scored[-1], p))
-        return real_loss(r_w, r_l, p)
+    def loss_spy(r_w, r_l, p_chosen=None):
+        seen.append((scored[-1], p_chosen))
+        return real_loss(r_w, r_l, p_chosen)
 
     monkeypatch.setattr(train_rm, "score_pairs", score_spy)
     monkeypatch.setattr(train_rm, "reward_loss", loss_spy)
@@ -142,17 +142,18 @@ def test_rm_noise_free_labels_train_on_the_labellers_probability(tmp_path, monke
     outside = tmp_path / "outside.jsonl"
     outside.write_text(json.dumps({"prompt": "Who wrote Hamlet?", "chosen": "Shakespeare.",
                                    "rejected": "Dickens."}) + "\n")
-    with pytest.raises(DataError, match="outside.jsonl.*--noise-free-labels needs pairs of the "
-                                        "built-in world"):
+    with pytest.raises(DataError, match="outside.jsonl: record 1: --noise-free-labels needs the "
+                                        "built-in world's prompts, not 'Who wrote Hamlet\\?'"):
         train_rm.train(dataclasses.replace(cfg, data=str(outside), out=str(tmp_path / "rm2")))
 
 
-def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir):
+@pytest.mark.parametrize("noise_free_labels", [False, True])
+def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir, noise_free_labels):
     """An RM run interrupted after its first checkpoint resumes to the same final weights."""
     out = str(tmp_path / "rm")
     cfg = train_rm.RMConfig(out=out, sft=sft_dir, data=os.path.join(rm_dir, "prefs.jsonl"),
                             val_data=os.path.join(rm_dir, "prefs_val.jsonl"),
-                            **{**RM, "make_pairs": False})
+                            **{**RM, "make_pairs": False, "noise_free_labels": noise_free_labels})
     reference = str(tmp_path / "rm_ref")
     train_rm.train(dataclasses.replace(cfg, out=reference))
     interrupt_after_saves(monkeypatch, train_rm, "save_stage", 1)
