@@ -390,7 +390,7 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         epoch, k = divmod(step, len(batches_of(0)))
         idx = shard(batches_of(epoch)[k], dist)  # this process's share of the batch
         r_chosen, r_rejected = score_pairs(train_score, [train_pairs[i] for i in idx], tok, device)
-        p = None if p_chosen is None else p_chosen[idx].to(r_chosen.device)
+        p = None if p_chosen is None else p_chosen[idx]  # reward_loss moves it to the device
         # −log σ(r_w − r_l), lecture ch. 6 (averaged over the label's coin: --noise-free-labels)
         loss, stats = reward_loss(r_chosen, r_rejected, p)
         loss.backward()
