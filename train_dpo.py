@@ -51,7 +51,8 @@ from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, distinct_rows, fail,
                                group_batches, lr_at, make_optimizer, pad_batch, pair_groups, set_lr,
                                start_run, write_json)
-from minirlhf.world import World, final_evaluation
+from minirlhf.evaluate import final_evaluation
+from minirlhf.world import World
 
 
 def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor,

@@ -50,7 +50,8 @@ from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, make_optimizer,
                                read_metrics, set_lr, start_run, write_json)
-from minirlhf.world import World, correct, evaluate, gold_reward, lookup, final_evaluation
+from minirlhf.evaluate import evaluate, final_evaluation
+from minirlhf.world import World, correct, gold_reward, lookup
 
 
 LOG_RATIO_BOUND = 20.0  # |log π_θ/π_θold| is clamped here inside policy_loss

@@ -50,7 +50,7 @@ from minirlhf.data import DataError, read_prefs, write_jsonl
 from minirlhf.device import autocast
 from minirlhf.distributed import barrier, broadcast, mean_over_ranks, shard, wrap
 from minirlhf.model import ScalarHeadModel
-from minirlhf.report import plot_calibration
+from minirlhf.plots import plot_calibration
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, distinct_rows, fail,

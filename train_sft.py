@@ -43,7 +43,8 @@ from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
                                make_optimizer, pad_batch, set_lr, start_run, write_json)
-from minirlhf.world import World, evaluate, final_evaluation, world_tokenizer
+from minirlhf.evaluate import evaluate, final_evaluation
+from minirlhf.world import World, world_tokenizer
 
 
 def sft_loss(logits: torch.Tensor, tokens: torch.Tensor,

@@ -5,7 +5,7 @@
     ck = load_checkpoint(path)                          # a plain dict of tensors and numbers
     model = model_from_checkpoint(ck)                   # GPT or ScalarHeadModel, weights loaded
 
-Safety rules (DESIGN.md, "Reliability"):
+Safety rules (docs/design.md, "Reliability"):
 - Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to disk,
   then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact.
 - Loads use `torch.load(weights_only=True)`: only tensors, numbers, strings, lists and dicts are
@@ -22,13 +22,11 @@ import random
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+from .gpt2 import load_gpt2_stage
 from .model import GPT, GPTConfig, ScalarHeadModel
 
 FORMAT = "minirlhf-checkpoint-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read or does not fit what was asked of it."""
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -196,7 +194,6 @@ def load_stage(path: str, kind: str | None = None, device="cpu"):
     `gpt2:DIR` loads OpenAI's GPT-2 from a Hugging Face folder instead (minirlhf/gpt2.py), so every
     script that takes a stage (--init, --sft) can start from GPT-2."""
     if path.startswith("gpt2:"):
-        from .gpt2 import load_gpt2_stage  # local: gpt2.py imports this module
         return load_gpt2_stage(path[len("gpt2:"):], kind, device)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     ck_path = os.path.join(folder, CHECKPOINT) if os.path.isdir(path) else path

@@ -51,19 +51,10 @@ import secrets
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
+from minirlhf.errors import DataError
 from minirlhf.tokenizer import ASSISTANT, HUMAN  # the turn markers of Anthropic HH dialogues
 
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message is one line: "path:line: problem"."""
-
-    def __init__(self, path: str, problem: str, lineno: int | None = None):
-        self.path, self.problem, self.lineno = path, problem, lineno
-        where = f"{path}:{lineno}" if lineno is not None else f"{path}"
-        # One line even if a path or a quoted value carries a newline: logs and CI show one line.
-        super().__init__(f"{where}: {problem}".replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def _json_type(v: Any) -> str:

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .model import GPT, GPTConfig
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

@@ -8,23 +8,21 @@
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
 equivalent command line is printed before it starts, so any stage can be rerun alone.
 All policies are judged the same way: 16 samples per held-out test prompt at temperature 1
-(what RLHF optimises; DESIGN.md), with greedy numbers beside them in each stage's eval.json.
+(what RLHF optimises; docs/design.md), with greedy numbers beside them in each stage's eval.json.
 
 summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds"} (see the
 keys below), plus "frontier" (gold vs KL points), "gap_closed" per method (the fraction of the
 SFT → optimum gold gap a policy closes) and "kl_optimum": gold and KL of the closed-form optimum
 π_SFT·exp(r/β)/Z of lecture ch. 5 at several β, r the labeller's own utility — where PPO and DPO
 would end at their β with a perfect reward model (estimated by reweighting 32 SFT samples per
-test prompt, minirlhf/world.py `kl_optimum`), and the same optimum with the trained reward
+test prompt, minirlhf/evaluate.py `kl_optimum`), and the same optimum with the trained reward
 model's score in place of the labeller's ("reward_model"): where PPO at its β would end with the
 reward model it has, however well it optimised.
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -39,7 +37,8 @@ from .report import draw_all
 from .checkpoint import load_stage
 from .device import autocast, resolve_device, set_precision
 from .training import write_json
-from .world import World, kl_optimum
+from .evaluate import kl_optimum
+from .world import World
 from .world import stats as world_stats
 
 SCRIPTS = {train_sft.SFTConfig: "train_sft.py", train_rm.RMConfig: "train_rm.py",

@@ -33,14 +33,12 @@ from collections import Counter, defaultdict
 import regex
 import tiktoken
 
+from .errors import TokenizerError
+
 # GPT-2's pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ["<|bos|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # GPT-2 chat template: HH turn markers
-
-
-class TokenizerError(ValueError):
-    """A tokenizer could not be trained, loaded or found; the message says which and why."""
 
 
 def train_bpe(text: str, vocab_size: int, merge_digits: bool = False) -> dict[bytes, int]:

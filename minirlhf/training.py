@@ -29,14 +29,10 @@ import sys
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError, NonFiniteError
 from .config import format_config
 from .device import resolve_device, set_precision, uses_bf16
 from .distributed import Dist, setup
-
-
-class NonFiniteError(RuntimeError):
-    """A loss, reward or gradient became NaN or inf; the run stops, the last checkpoint stays."""
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:

@@ -1,0 +1,136 @@
+"""The figures the stages draw (matplotlib PNGs), each a function of files or rows.
+
+- `plot_losses`:      training (and validation) loss of SFT, the reward model and DPO
+- `plot_hacking`:     PPO's proxy reward, gold score and KL per iteration, β > 0 beside β = 0
+- `plot_frontier`:    gold score against KL to the SFT model for every policy, with the
+                      closed-form optimum π_SFT·exp(r/β)/Z at each β as a line (lecture ch. 5)
+- `plot_calibration`: the reward model's predicted preference probability vs the observed rate
+
+`train_rm.py` draws its calibration figure from here; `minirlhf/report.py` draws a whole
+pipeline run's figures. Left out: interactive plots; every figure is a plain PNG.
+"""
+from __future__ import annotations
+
+import os
+
+from .training import read_metrics
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _rows(path, split):
+    if not os.path.exists(path):
+        return []
+    return [r for r in read_metrics(path) if r.get("split") == split]
+
+
+def plot_losses(run: str, path: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, stage, title in zip(axes, ("sft", "rm", "dpo"),
+                                ("SFT: masked cross-entropy", "Reward model: −log σ(r_w − r_l)",
+                                 "DPO: −log σ(β·margin)")):
+        metrics = os.path.join(run, stage, "metrics.jsonl")
+        for split, style in (("train", "-"), ("val", "o--")):
+            rows = _rows(metrics, split)
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=split,
+                        markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_hacking(run: str, path: str) -> str:
+    """Proxy (reward model), gold and KL per PPO iteration: with β = 0 the proxy keeps rising
+    while the gold score falls (lecture ch. 5, reward hacking)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for stage, label, color in (("ppo", "PPO, β > 0", "tab:blue"),
+                                ("ppo_no_kl", "PPO, β = 0", "tab:red")):
+        rows = _rows(os.path.join(run, stage, "metrics.jsonl"), "train")
+        if not rows:
+            continue
+        its = [r["step"] for r in rows]
+        for ax, key in zip(axes, ("proxy", "gold", "kl")):
+            ax.plot(its, [r[key] for r in rows], color=color, label=label, lw=1.2)
+    for ax, title in zip(axes, ("proxy reward r_φ (what PPO maximises)",
+                                "gold score (what we wanted)", "KL(π_θ ‖ π_ref), nats")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str,
+                  curve: list[dict] | None = None) -> str:
+    """points: {"label", "method", "kl", "gold"}; one marker style per method.
+    curve: {"beta", "kl", "gold"} of the closed-form optimum π_SFT·exp(r/β)/Z, drawn as a line,
+    and its "reward_model" points (the same optimum with the trained reward model) as a second."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if curve:
+        curve = sorted(curve, key=lambda c: c["kl"])
+        ax.plot([c["kl"] for c in curve], [c["gold"] for c in curve], "-", color="tab:purple",
+                lw=1, alpha=0.7, label="π* at each β (perfect reward)")
+        for c in curve:
+            ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6, color="tab:purple",
+                        xytext=(2, -8), textcoords="offset points")
+        rm_curve = sorted((dict(c["reward_model"], beta=c["beta"]) for c in curve
+                           if "reward_model" in c), key=lambda c: c["kl"])
+        if rm_curve:
+            ax.plot([c["kl"] for c in rm_curve], [c["gold"] for c in rm_curve], "--",
+                    color="tab:orange", lw=1, alpha=0.8, label="π* at each β (trained RM)")
+            for c in rm_curve:
+                ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
+                            color="tab:orange", xytext=(2, 3), textcoords="offset points")
+    styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
+              "DPO": ("tab:green", "^")}
+    seen = set()
+    for p in points:
+        color, marker = styles.get(p["method"], ("gray", "."))
+        ax.scatter(p["kl"], p["gold"], c=color, marker=marker, s=40,
+                   label=p["method"] if p["method"] not in seen else None)
+        seen.add(p["method"])
+        if p.get("label"):
+            ax.annotate(p["label"], (p["kl"], p["gold"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+    ax.axhline(optimum, color="gray", ls="--", lw=1, label="optimum")
+    ax.axhline(demonstrators, color="gray", ls=":", lw=1, label="demonstrators")
+    ax.set_xlabel("KL to the SFT model (nats per response)")
+    ax.set_ylabel("gold score (test prompts, T = 1)")
+    ax.set_title("Gold score vs KL", fontsize=10)
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_calibration(rows: list[dict], path: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-",
+            label="reward model")
+    ax.set_xlabel("predicted P(a ≻ b) = σ(r_a − r_b)")
+    ax.set_ylabel("observed rate a was chosen")
+    ax.set_title("Reward model calibration (test pairs)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
