@@ -120,6 +120,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     clip_range: None, or the PPO2 value clip: V is also evaluated clipped to old_values ± clip
                 and the larger (more pessimistic) of the two squared errors is used
     returns     loss (scalar), stats {"value_loss", "explained_variance", "value_clipfrac"}
+                (value_clipfrac: the fraction of tokens with |V − V_old| > clip_range)
 
     The ½ (as in CleanRL) makes the gradient V − V_target; the lecture writes the square without
     it, a factor the coefficient c1 absorbs.
@@ -135,7 +136,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         stats = {
             "value_loss": loss.detach(),
             "explained_variance": explained_variance(values, returns, mask),
-            "value_clipfrac": masked_mean((vf > vf_unclipped).float(), mask),
+            # tokens whose V moved past the clip range (the clipped V differs from V there);
+            # comparing the two squared errors instead miscounts float rounding as clipping
+            "value_clipfrac": (masked_mean(((values - old_values).abs() > clip_range).float(),
+                                           mask) if clip_range is not None
+                               else values.new_zeros(())),
         }
     return loss, stats
 

@@ -144,7 +144,23 @@ def test_value_loss_and_clipping():
     loss.backward()
     assert math.isclose(loss.item(), 0.5 * (1.8 ** 2 + 0.25) / 2)
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.25, 0.0]], dtype=torch.float64))
-    assert math.isclose(float(stats["value_clipfrac"]), 0.5)
+    assert math.isclose(float(stats["value_clipfrac"]), 1.0)  # both real tokens moved by 1 > 0.2
+
+
+def test_value_clipfrac_counts_moves_past_the_clip_range_not_rounding():
+    """value_clipfrac is the fraction of tokens with |V − V_old| > clip: a move of 0.1 inside a
+    clip range of 0.2 is not clipped, although old + clamp(V − old) differs from V by rounding
+    in float32; a move of 0.3 is; without a clip range nothing is."""
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    _, inside = value_loss(torch.tensor([[0.04]]), torch.tensor([[-0.06]]), torch.zeros(1, 1),
+                           mask, clip_range=0.2)
+    assert float(inside["value_clipfrac"]) == 0.0
+    _, outside = value_loss(torch.tensor([[0.24]]), torch.tensor([[-0.06]]), torch.zeros(1, 1),
+                            mask, clip_range=0.2)
+    assert float(outside["value_clipfrac"]) == 1.0
+    _, unclipped = value_loss(torch.tensor([[5.0]]), torch.tensor([[-0.06]]), torch.zeros(1, 1),
+                              mask)
+    assert float(unclipped["value_clipfrac"]) == 0.0
 
 
 @given(seed=seeds)
