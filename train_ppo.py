@@ -8,13 +8,17 @@ reference (lecture ch. 4 PPO, ch. 5 the KL-penalised objective, ch. 7 the four-m
     python train_ppo.py --resume                                  # continue a stopped run
     torchrun --standalone --nproc_per_node 4 train_ppo.py         # 4 GPUs, 1/4 of the prompts each
 
-Four models (lecture ch. 7): the policy π_θ (trainable, starts as the SFT model), the reference
-π_ref (a frozen SFT copy), the reward model r_φ (frozen) and the value model V_ψ (trainable,
-starts as the reward model). One iteration is three phases, labelled in the loop below:
-  1. rollout (no grad): sample responses, score them with r_φ, record log π_θold, log π_ref, V;
-  2. advantages: per-token reward −β·(log π_θ − log π_ref) plus r_φ(x, y) on the last token,
-     then GAE(γ, λ) and whitening — or the lecture's bandit form A = R − V(x), or RLOO;
-  3. update: shuffled minibatches of the rollout (--epochs passes), L_PPO = L^CLIP − c1·L^VF + c2·H.
+Four models (lecture ch. 7), loaded in the first line of `train()`: the policy π_θ (trainable,
+starts as the SFT model), the reference π_ref (a frozen SFT copy), the reward model r_φ (frozen)
+and the value model V_ψ (trainable, starts as the reward model). One iteration is three phases,
+each a function below:
+  1. `rollout` (no grad): sample responses from π_θ; score them with r_φ; record log π_θold,
+     log π_ref and V(s_t);
+  2. `compute_advantages`: per-token reward −β·(log π_θ − log π_ref) plus r_φ(x, y) on the last
+     token (`minirlhf.rl.kl_penalised_rewards`), then GAE(γ, λ) and whitening; or the lecture's
+     γ = 0 form A = R − V(x) (`minirlhf.rl.bandit_advantages`), or RLOO;
+  3. `ppo_update`: shuffled minibatches of the rollout (--epochs passes), one step each on
+     L_PPO = L^CLIP − c1·L^VF + c2·H.
 Every iteration logs the proxy reward (r_φ), the KL to the reference, the PPO diagnostics, and
 the gold judge's score of the same rollouts, so reward hacking is visible when it happens.
 
@@ -44,14 +48,15 @@ from minirlhf.device import autocast, maybe_compile
 from minirlhf.distributed import masked_mean_var, mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy, token_logprobs
 from minirlhf.model import ScalarHeadModel
-from minirlhf.rl import (AdaptiveKLController, FixedKLController, gae, group_baseline_advantages,
-                         kl_k1)
-from minirlhf.sampler import generate
+from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advantages, gae,
+                         group_baseline_advantages, kl_penalised_return, kl_penalised_rewards,
+                         token_kl)
+from minirlhf.sampler import Generation, generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, make_optimizer,
                                read_metrics, set_lr, start_run, write_json)
 from minirlhf.evaluate import evaluate, final_evaluation
-from minirlhf.world import World, correct, gold_reward, lookup
+from minirlhf.world import World, correct, gold_reward, is_world_prompt
 
 
 LOG_RATIO_BOUND = 20.0  # |log π_θ/π_θold| is clamped here inside policy_loss
@@ -89,7 +94,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3: (r − 1) − log r
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),  # k3
             "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
             "ratio": masked_mean(ratio, mask),
         }
@@ -191,7 +196,8 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
 @dataclass
 class PPOConfig:
     out: str = "out/ppo"              # folder for checkpoint.pt (the policy), metrics, eval.json
-    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the initial policy and frozen reference
+    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the initial policy and the frozen
+                                      # reference
     rm: str = "out/rm"                # reward model stage (frozen)
     prompts: str | None = None        # prompts JSONL to train on; none = the world's train prompts
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
@@ -211,12 +217,13 @@ class PPOConfig:
     adaptive_kl: bool = False         # adapt β toward --target-kl (Ziegler et al. 2019)
     target_kl: float = 4.0            # nats per response, for --adaptive-kl
     kl_horizon: int = 2000            # responses over which the adaptive controller reacts
-    advantage: Literal["gae", "bandit", "group"] = "gae"  # gae | bandit: γ=0, A = R − V(x) | group: RLOO, no critic
+    advantage: Literal["gae", "bandit", "group"] = "gae"  # gae | bandit: γ=0, A = R − V(x) |
+                                                          # group: RLOO, no critic
     gamma: float = 1.0                # discount γ (lecture ch. 2)
     lam: float = 0.95                 # GAE λ
     whiten: bool = True               # normalise advantages over the batch's real tokens
     # update
-    epochs: int = 1                   # passes over each rollout (see the note under the fields)
+    epochs: int = 1                   # passes over each rollout (1 beat 2: docs/results.md, "PPO")
     minibatch_size: int = 32          # responses per gradient step
     clip_eps: float = 0.2             # ε of L^CLIP
     vf_coef: float = 0.5              # c1, weight of the value loss
@@ -226,20 +233,11 @@ class PPOConfig:
     value_lr: float = 1e-3            # value model learning rate
     warmup: int = 5                   # iterations of linear learning-rate warmup
     grad_clip: float = 1.0            # max gradient norm, per model
-    value_init: Literal["rm", "sft"] = "rm"  # the value model starts from the reward model or the SFT trunk
+    value_init: Literal["rm", "sft"] = "rm"  # the value model starts from the reward model or
+                                             # the SFT trunk
     # logging
     eval_every: int = 20              # iterations between held-out gold evaluations
     ckpt_every: int = 20              # iterations between checkpoints (and at the end)
-    # Rollout size and epochs, measured on the built-in world (same SFT and reward model, seeds
-    # 0 and 1, 100 iterations): 16 prompts x 4 with 2 epochs closed 33% and 38% of the SFT ->
-    # optimum gold gap; 32 prompts x 4 with 1 epoch (the same 4 minibatch steps, on twice the
-    # samples, none reused) 46% and 47% on one thread and 39% in a pipeline run on two (PPO's
-    # end point moves by several points with floating-point rounding), for ~1.3x the time per
-    # iteration; minibatches of 64 (2 steps per iteration) 38%. With the reward model on 48000
-    # pairs (test accuracy 0.762 against 0.741) the pipeline run closed 55%. The minibatches
-    # after the first are already off-policy, so the ratio and its clipping still act with one
-    # epoch.
-
     def check(self):
         check_ranges(self, positive=("iterations", "prompts_per_iter", "samples_per_prompt",
                                      "max_new_tokens", "epochs", "minibatch_size", "eval_every",
@@ -270,216 +268,293 @@ def state_values(value_model, tokens, attn_mask, device):
         return value_model(tokens, attn_mask)[:, :-1].float()                      # (B, T-1)
 
 
+# ----------------------------------------------------------------------------------------------
+# One iteration, in three phases (lecture ch. 7): rollout -> advantages -> PPO update
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Phase 1's output: B = prompts × k responses, and what the four models said of them."""
+    prompts: list[str]        # the B prompts, prompt-major: k responses to a prompt side by side
+    gen: Generation           # tokens (B, T), attn_mask (B, T), ended (B,), prompt_len, ...
+    mask: torch.Tensor        # (B, T-1) 1 where the target token is a response token
+    old_logp: torch.Tensor    # (B, T-1) log π_θold(y_t), the policy that sampled
+    ref_logp: torch.Tensor    # (B, T-1) log π_ref(y_t)
+    old_values: torch.Tensor  # (B, T-1) V_ψ(s_t) at sampling time (0 without a critic)
+    kl: torch.Tensor          # (B, T-1) log π_θold − log π_ref on response tokens (k1)
+    proxy: torch.Tensor       # (B,) r_φ(x, y), the reward model's score
+    score: torch.Tensor       # (B,) r_φ(x, y) + the no-end penalty: the reward being maximised
+    seconds: dict             # wall time of "generate" and "score"
+
+
+@torch.no_grad()
+def rollout(policy, fwd, ref, reward_model, value_model, tok, prompt_texts: list[str],
+            cfg: PPOConfig, it: int, dist) -> Rollout:
+    """Phase 1 (no grad): sample k responses to each of this iteration's prompts from π_θ, then
+    score them with the four models (lecture ch. 7, steps 1–2). `fwd` is the policy's forward
+    for scoring (compiled with --compile); sampling uses the plain `policy`."""
+    t0 = time.time()
+    rng = np.random.default_rng([cfg.seed, it])
+    chosen = rng.choice(len(prompt_texts), size=cfg.prompts_per_iter, replace=False)
+    chosen = shard(chosen, dist)  # this process's share of the prompts (torchrun)
+    prompts = [prompt_texts[i] for i in chosen for _ in range(cfg.samples_per_prompt)]
+    policy.eval()
+    sample_seed = (cfg.seed * 100_003 + it) * dist.world_size + dist.rank  # its own samples
+    gen = generate(policy, [tok.render_prompt(p) for p in prompts], cfg.max_new_tokens,
+                   eos_id=tok.end_id, pad_id=tok.pad_id, temperature=cfg.temperature,
+                   generator=torch.Generator(device=dist.device).manual_seed(sample_seed))
+    policy.train()
+    t1 = time.time()
+    tokens, attn_mask, device = gen.tokens, gen.attn_mask, dist.device            # (B, T)
+    mask = gen.response_mask[:, 1:]                   # (B, T-1) targets that are response tokens
+    old_logp = per_token_logprobs(fwd, tokens, attn_mask, device)              # (B, T-1) π_θold
+    ref_logp = per_token_logprobs(ref, tokens, attn_mask, device)              # (B, T-1) π_ref
+    old_values = (state_values(value_model, tokens, attn_mask, device)         # (B, T-1) V(s_t)
+                  if cfg.advantage != "group" else torch.zeros_like(old_logp))
+    with autocast(device):
+        proxy = reward_model.score(tokens, attn_mask).float()                   # (B,) r_φ(x, y)
+    score = proxy + cfg.no_end_penalty * (~gen.ended).float()                     # unfinished
+    seconds = {"generate": t1 - t0, "score": time.time() - t1}
+    kl = token_kl(old_logp, ref_logp, mask)  # (B, T-1) log π_θ − log π_ref, lecture ch. 5
+    check_finite(it + 1, proxy_reward=proxy.mean(), kl=kl.sum(-1).mean())  # name the cause
+    return Rollout(prompts, gen, mask, old_logp, ref_logp, old_values, kl, proxy, score, seconds)
+
+
+def compute_advantages(ro: Rollout, beta: float, cfg: PPOConfig, dist):
+    """Phase 2: the KL-penalised reward r_φ − β·KL (lecture ch. 5) becomes advantages A_t and
+    value targets, per --advantage:
+      gae:    −β·KL_t on every token and r_φ on the last (`kl_penalised_rewards`), then GAE(γ, λ);
+      bandit: γ = 0, one action per response: A = R − V(x), R = r_φ − β·KL (ch. 7);
+      group:  RLOO, A = R − the mean R of the prompt's other k − 1 responses (ch. 3), no critic.
+    Returns advantages (B, T-1) (whitened over the whole rollout), returns (B, T-1) and the
+    value mask (B, T-1): where L^VF regresses V onto the returns."""
+    mask, value_mask = ro.mask, ro.mask
+    if cfg.advantage == "gae":
+        rewards = kl_penalised_rewards(ro.score, ro.old_logp, ro.ref_logp, mask, beta)  # (B, T-1)
+        advantages, returns = gae(rewards, ro.old_values, mask, cfg.gamma, cfg.lam)
+    else:
+        at_prompt = ro.gen.prompt_len - 1  # column of V(x): the state before the response
+        returns, value_mask = torch.zeros_like(ro.old_values), torch.zeros_like(mask)
+        if cfg.advantage == "bandit":
+            A, R = bandit_advantages(ro.score, ro.kl, ro.old_values[:, at_prompt], beta)  # (B,)
+            value_mask[:, at_prompt] = True  # V(x) regresses onto R
+            returns[:, at_prompt] = R
+        else:  # no critic to train: the value mask stays empty
+            A = group_baseline_advantages(kl_penalised_return(ro.score, ro.kl, beta),
+                                          cfg.samples_per_prompt)                    # (B,)
+        advantages = torch.where(mask, A[:, None].expand_as(ro.old_logp), 0.0)    # (B, T-1)
+    if cfg.whiten:  # with the mean and variance of the whole rollout, every process's
+        advantages = masked_whiten(advantages, mask,
+                                   mean_var=masked_mean_var(advantages, mask, dist))
+    return advantages, returns, value_mask
+
+
+def ppo_update(policy, value_model, policy_opt, value_opt, ro: Rollout, advantages, returns,
+               value_mask, cfg: PPOConfig, it: int, dist) -> dict:
+    """Phase 3: --epochs passes over shuffled minibatches of the rollout; on each, one AdamW step
+    of π_θ and of V_ψ on L_PPO = L^CLIP − c1·L^VF + c2·H (lecture ch. 4). `policy` and
+    `value_model` are the forward passes to train through (DDP-wrapped under torchrun).
+    Returns each statistic's mean over the minibatches."""
+    use_critic = cfg.advantage != "group"
+    tokens, attn_mask, device = ro.gen.tokens, ro.gen.attn_mask, dist.device
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + it)
+    agg = {}
+    for epoch in range(cfg.epochs):
+        # a minibatch of --minibatch-size responses is split over the processes like B
+        for mb in torch.randperm(len(tokens), generator=g).split(
+                cfg.minibatch_size // dist.world_size):
+            mb = mb.to(device)
+            logp, entropy = per_token_logprobs(policy, tokens[mb], attn_mask[mb], device,
+                                               with_entropy=True)
+            values = (state_values(value_model, tokens[mb], attn_mask[mb], device)
+                      if use_critic else torch.zeros_like(logp))
+            loss, stats = ppo_loss(logp, ro.old_logp[mb], advantages[mb], values,
+                                   ro.old_values[mb], returns[mb], ro.mask[mb], entropy,
+                                   cfg.clip_eps, cfg.vf_coef, cfg.ent_coef, cfg.value_clip,
+                                   value_mask[mb])
+            check_finite(it + 1, loss=loss)  # it + 1: the iteration as the log numbers it
+            loss.backward()
+            clip_and_step(policy, policy_opt, cfg.grad_clip, it + 1, "policy_grad_norm")
+            if use_critic:
+                clip_and_step(value_model, value_opt, cfg.grad_clip, it + 1, "value_grad_norm")
+            for name, v in stats.items():
+                agg.setdefault(name, []).append(float(v))
+    return {name: float(np.mean(v)) for name, v in agg.items()}
+
+
+def clip_and_step(model, optimizer, max_norm: float, step: int, name: str) -> None:
+    """Clip the gradient norm, stop on a non-finite one (naming it), take the step, zero grads."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    check_finite(step, **{name: norm})
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
 def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
-    device = dist.device
-    world = World(cfg.seed)
-    ck_path = os.path.join(cfg.out, CHECKPOINT)
-    resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
-
-    # --- the four models of lecture ch. 7 ---
-    policy, tok, _ = load_stage(cfg.sft, "gpt", device)          # π_θ: trainable
-    ref, _, _ = load_stage(cfg.sft, "gpt", device)               # π_ref: frozen SFT copy
-    reward_model, rm_tok, rm_ck = load_stage(cfg.rm, "scalar", device)  # r_φ: frozen
-    if rm_tok.fingerprint() != tok.fingerprint():
-        raise CheckpointError(f"{cfg.rm}: the reward model uses another tokenizer than {cfg.sft}")
-    if cfg.value_init == "rm":                                   # V_ψ: trainable
-        value_model = copy.deepcopy(reward_model)
-    else:
-        value_model = ScalarHeadModel.from_gpt(policy)
-    for frozen in (ref, reward_model):
-        frozen.eval().requires_grad_(False)
-    use_critic = cfg.advantage != "group"
-    if cfg.max_new_tokens >= policy.config.block_size:
-        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
-                         f"the model's block size {policy.config.block_size}")
-    if cfg.prompts:
-        prompt_texts = [r["prompt"] for r in read_prompts(cfg.prompts, tok, policy.config.block_size - cfg.max_new_tokens)]
-    else:
-        prompt_texts = [p.text for p in world.train_prompts]
-    if cfg.prompts_per_iter > len(prompt_texts):
-        raise ValueError(f"--prompts-per-iter {cfg.prompts_per_iter} is more than the "
-                         f"{len(prompt_texts)} prompts to draw from")
-    if max(len(tok.render_prompt(p)) for p in prompt_texts) + cfg.max_new_tokens > policy.config.block_size:
-        raise ValueError("--max-new-tokens plus the longest prompt exceeds the model's block size")
-
+    policy, ref, reward_model, value_model, tok = load_four_models(cfg, dist.device)  # ch. 7
+    prompt_texts = training_prompts(cfg, tok, policy.config.block_size)
     policy_opt = make_optimizer(policy, cfg.lr, 0.0)
     value_opt = make_optimizer(value_model, cfg.value_lr, 0.0)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
               if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
-    it = 0
-    if resume_ck is not None:
-        check_compatible(resume_ck, ck_path, model_config=policy.config, tokenizer=tok)
-        policy.load_state_dict(resume_ck["model"])
-        policy_opt.load_state_dict(resume_ck["optimizer"])
-        extra = resume_ck["extra"]
-        value_model.load_state_dict(extra["value_model"])
-        value_opt.load_state_dict(extra["value_optimizer"])
-        kl_ctl.load_state_dict(extra["kl_controller"])
-        set_rng_state(resume_ck["rng"])
-        it = resume_ck["step"]
-        print(f"resumed from {ck_path} at iteration {it}")
-    fwd = maybe_compile(policy, device, cfg.compile)
-    # the update's passes; under torchrun DDP: backward averages gradients over processes
-    train_fwd, train_value = wrap(fwd, dist), wrap(value_model, dist)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), it if resume_ck else None,
-                     enabled=dist.is_main)
-
-    def save(it):
-        save_stage(cfg.out, model=policy, model_kind="gpt", config=cfg, tokenizer=tok, step=it,
-                   optimizer=policy_opt, rng=rng_state(),
-                   extra={"value_model": {k: v.detach().cpu() for k, v in value_model.state_dict().items()},
-                          "value_optimizer": value_opt.state_dict(),
-                          "kl_controller": kl_ctl.state_dict()})
-
-    k = cfg.samples_per_prompt
-    t_start = time.time()
+    start = resume(cfg, tok, policy, policy_opt, value_model, value_opt, kl_ctl)  # or None
+    it = start or 0
+    fwd = maybe_compile(policy, dist.device, cfg.compile)
+    train_fwd, train_value = wrap(fwd, dist), wrap(value_model, dist)  # DDP under torchrun
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    world, t_start = World(cfg.seed), time.time()
     bar = tqdm(total=cfg.iterations, initial=it, desc="ppo", disable=None if dist.is_main else True,
                leave=False)
     while it < cfg.iterations:
         beta = kl_ctl.kl_coef
         for opt, lr in ((policy_opt, cfg.lr), (value_opt, cfg.value_lr)):
-            set_lr(opt, lr * min(1.0, (it + 1) / max(1, cfg.warmup)))
-
-        # ============ 1. rollout (no grad): generate, then score with the four models ============
-        t0 = time.time()
-        rng = np.random.default_rng([cfg.seed, it])
-        chosen = rng.choice(len(prompt_texts), size=cfg.prompts_per_iter, replace=False)
-        chosen = shard(chosen, dist)  # this process's share of the prompts (torchrun)
-        batch_prompts = [prompt_texts[i] for i in chosen for _ in range(k)]  # prompt-major groups
-        policy.eval()
-        sample_seed = (cfg.seed * 100_003 + it) * dist.world_size + dist.rank  # its own samples
-        gen = generate(policy, [tok.render_prompt(p) for p in batch_prompts], cfg.max_new_tokens,
-                       eos_id=tok.end_id, pad_id=tok.pad_id, temperature=cfg.temperature,
-                       generator=torch.Generator(device=device).manual_seed(sample_seed))
-        policy.train()
-        tokens, attn_mask = gen.tokens, gen.attn_mask                             # (B, T)
-        mask = gen.response_mask[:, 1:]                   # (B, T-1) targets that are response tokens
-        t1 = time.time()
-        with torch.no_grad():
-            old_logp = per_token_logprobs(fwd, tokens, attn_mask, device)          # (B, T-1) log π_θold
-            ref_logp = per_token_logprobs(ref, tokens, attn_mask, device)          # (B, T-1) log π_ref
-            old_values = (state_values(value_model, tokens, attn_mask, device)     # (B, T-1) V(s_t)
-                          if use_critic else torch.zeros_like(old_logp))
-            with autocast(device):
-                score = reward_model.score(tokens, attn_mask).float()             # (B,) r_φ(x, y)
-        proxy = score.clone()
-        score = score + cfg.no_end_penalty * (~gen.ended).float()                  # unfinished: penalty
-        t2 = time.time()
-
-        # ============ 2. advantages: per-token reward −β·KL, plus r_φ at the last token ============
-        kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)  # (B, T-1) log π_θ − log π_ref, ch. 5
-        kl_per_response = kl.sum(-1)                                                # (B,)
-        check_finite(it + 1, proxy_reward=proxy.mean(), kl=kl_per_response.mean())  # name the cause
-        value_mask = mask
-        if cfg.advantage == "gae":
-            rewards = -beta * kl                                                    # (B, T-1)
-            last = mask.long().cumsum(-1).argmax(-1)                                # (B,) last response token
-            rewards[torch.arange(len(last)), last] += score                        # r_φ arrives at the end
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        else:
-            R = score - beta * kl_per_response        # (B,) one reward per response: r_φ − β·KL
-            if cfg.advantage == "bandit":             # lecture ch. 7, γ = 0: A = R − V(x)
-                v_x = old_values[:, gen.prompt_len - 1]   # V(x): value of the prompt state
-                A = R - v_x                                                         # (B,)
-                value_mask = torch.zeros_like(mask)
-                value_mask[:, gen.prompt_len - 1] = True  # V(x) regresses onto R
-                returns = torch.zeros_like(old_values)
-                returns[:, gen.prompt_len - 1] = R
-            else:                                     # RLOO: R minus the mean R of the other k−1
-                A = group_baseline_advantages(R, k)
-                returns = torch.zeros_like(old_values)
-                value_mask = torch.zeros_like(mask)   # no critic to train
-            advantages = torch.where(mask, A[:, None].expand_as(old_logp), 0.0)   # (B, T-1)
-        if cfg.whiten:  # with the mean and variance of the whole rollout, every process's
-            advantages = masked_whiten(advantages, mask,
-                                       mean_var=masked_mean_var(advantages, mask, dist))
-
-        # ============ 3. update: epochs over shuffled minibatches, L_PPO (lecture ch. 4) ============
-        B = tokens.shape[0]
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + it)
-        agg = {}
-        for epoch in range(cfg.epochs):
-            # a minibatch of --minibatch-size responses is split over the processes like B
-            for mb in torch.randperm(B, generator=g).split(cfg.minibatch_size // dist.world_size):
-                mb = mb.to(device)
-                logp, entropy = per_token_logprobs(train_fwd, tokens[mb], attn_mask[mb], device,
-                                                   with_entropy=True)
-                values = (state_values(train_value, tokens[mb], attn_mask[mb], device)
-                          if use_critic else torch.zeros_like(logp))
-                loss, stats = ppo_loss(logp, old_logp[mb], advantages[mb], values, old_values[mb],
-                                       returns[mb], mask[mb], entropy, cfg.clip_eps, cfg.vf_coef,
-                                       cfg.ent_coef, cfg.value_clip, value_mask[mb])
-                check_finite(it + 1, loss=loss)  # it + 1: the iteration as the log numbers it
-                loss.backward()
-                pg_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                check_finite(it + 1, policy_grad_norm=pg_norm)
-                policy_opt.step()
-                policy_opt.zero_grad(set_to_none=True)
-                if use_critic:
-                    v_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
-                    check_finite(it + 1, value_grad_norm=v_norm)
-                    value_opt.step()
-                    value_opt.zero_grad(set_to_none=True)
-                for name, v in stats.items():
-                    agg.setdefault(name, []).append(float(v))
-        t3 = time.time()
+            set_lr(opt, lr * min(1.0, (it + 1) / max(1, cfg.warmup)))  # linear warmup
+        ro = rollout(policy, fwd, ref, reward_model, value_model, tok, prompt_texts, cfg, it,
+                     dist)                                                      # 1. rollout
+        t_update = time.time()
+        advantages, returns, value_mask = compute_advantages(ro, beta, cfg, dist)  # 2.
+        stats = ppo_update(train_fwd, train_value, policy_opt, value_opt, ro, advantages,
+                           returns, value_mask, cfg, it, dist)                  # 3. update
         it += 1
         bar.update(1)
-
-        # ============ log: proxy reward, KL, PPO diagnostics, and the gold judge on the rollouts ====
-        texts = [tok.decode(ids) for ids in gen.responses()]
-        known = [i for i, p in enumerate(batch_prompts) if is_world_prompt(p)]
-        gold = [gold_reward(batch_prompts[i], texts[i], bool(gen.ended[i])) for i in known]
-        acc = [float(correct(batch_prompts[i], texts[i])) for i in known]
-        row = {"proxy": proxy.mean().item(), "kl": kl_per_response.mean().item(), "beta": beta,
-               "gold": float(np.mean(gold)) if gold else None,
-               "accuracy": float(np.mean(acc)) if acc else None,
-               "length": mask.sum(-1).float().mean().item(),
-               "ended": gen.ended.float().mean().item(),
-               **{n: float(np.mean(v)) for n, v in agg.items()},
-               "time_generate": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
-        row = mean_over_ranks(row, dist)  # the whole rollout's means (each process: B responses)
-        kl_ctl.update(row["kl"], B * dist.world_size)
-        log.write(it, split="train", **row)
-        judged = (f"gold {row['gold']:+.3f} | acc {row['accuracy']:.2f}" if row["gold"] is not None
-                  else "gold n/a (not the built-in world)")
-        print(f"iter {it:4d} | rm {row['proxy']:+.3f} | {judged} | kl {row['kl']:6.2f} | β {beta:.3f} | "
-              f"approx_kl {row['approx_kl']:.4f} | clipfrac {row['clipfrac']:.3f} | "
-              f"entropy {row['entropy']:.3f} | vf {row['value_loss']:.4f} | "
-              f"ev {row['explained_variance']:+.2f} | len {row['length']:4.1f} | "
-              f"{t1 - t0:.2f}/{t2 - t1:.2f}/{t3 - t2:.2f}s", flush=True)
-        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
+        ro.seconds["update"] = time.time() - t_update
+        row = log_iteration(log, it, ro, stats, beta, tok, dist)
+        kl_ctl.update(row["kl"], len(ro.prompts) * dist.world_size)
         if not cfg.prompts and (it % cfg.eval_every == 0 or it == cfg.iterations):
-            ev = evaluate(policy, tok, world.val_prompts, ref=ref, max_new_tokens=cfg.max_new_tokens,
-                          seed=cfg.seed + 7)
-            log.write(it, split="val", gold=ev["gold"], accuracy=ev["accuracy"], kl=ev["kl"],
-                      length=ev["length"])
-            print(f"iter {it:4d} | held-out: gold {ev['gold']:+.3f} | accuracy "
-                  f"{ev['accuracy']:.3f} | kl {ev['kl']:.2f}", flush=True)
+            held_out_evaluation(log, it, policy, ref, tok, world, cfg)  # every process
         if dist.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iterations):
-            save(it)
+            save(cfg, it, tok, policy, policy_opt, value_model, value_opt, kl_ctl)
     bar.close()
-    seconds = time.time() - t_start
-    if not dist.is_main:  # rank 0 evaluates and writes eval.json
-        return {"train_seconds": seconds, "iterations": it}
+    result = {"train_seconds": time.time() - t_start, "iterations": it}
+    if dist.is_main:  # rank 0 evaluates and writes eval.json
+        result.update(final_results(cfg, policy, ref, reward_model, tok, world, dist.device))
+        write_json(os.path.join(cfg.out, "eval.json"), result)
+    return result
 
-    # --- final evaluation on the test prompts: sampled (T = 1) and greedy, with KL to SFT ---
-    result = {"train_seconds": seconds, "iterations": it}
-    rows = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
-    train_rows = [r for r in rows if r["split"] == "train"]
-    tail = train_rows[-max(1, len(train_rows) // 10):]
-    result["final_proxy"] = float(np.mean([r["proxy"] for r in tail]))
-    result["phase_seconds"] = {p: float(np.median([r[f"time_{p}"] for r in train_rows]))
-                               for p in ("generate", "score", "update")}
+
+# ----------------------------------------------------------------------------------------------
+# Setting up, logging, evaluating: what the loop calls
+# ----------------------------------------------------------------------------------------------
+
+def load_four_models(cfg: PPOConfig, device):
+    """The four models of lecture ch. 7: the policy π_θ (trainable, starts as the SFT model), the
+    reference π_ref (a frozen SFT copy), the reward model r_φ (frozen) and the value model V_ψ
+    (trainable, starts as the reward model or the SFT trunk). Returns them and the tokenizer."""
+    policy, tok, _ = load_stage(cfg.sft, "gpt", device)          # π_θ: trainable
+    ref, _, _ = load_stage(cfg.sft, "gpt", device)               # π_ref: frozen SFT copy
+    reward_model, rm_tok, _ = load_stage(cfg.rm, "scalar", device)  # r_φ: frozen
+    if rm_tok.fingerprint() != tok.fingerprint():
+        raise CheckpointError(f"{cfg.rm}: the reward model uses another tokenizer than {cfg.sft}")
+    value_model = (copy.deepcopy(reward_model) if cfg.value_init == "rm"  # V_ψ: trainable
+                   else ScalarHeadModel.from_gpt(policy))
+    for frozen in (ref, reward_model):
+        frozen.eval().requires_grad_(False)
+    return policy, ref, reward_model, value_model, tok
+
+
+def training_prompts(cfg: PPOConfig, tok, block_size: int) -> list[str]:
+    """--prompts (JSONL) or the world's training prompts, checked against the block size."""
+    if cfg.max_new_tokens >= block_size:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
+                         f"the model's block size {block_size}")
+    if cfg.prompts:
+        rows = read_prompts(cfg.prompts, tok, block_size - cfg.max_new_tokens)
+        prompt_texts = [r["prompt"] for r in rows]
+    else:
+        prompt_texts = [p.text for p in World(cfg.seed).train_prompts]
+    if cfg.prompts_per_iter > len(prompt_texts):
+        raise ValueError(f"--prompts-per-iter {cfg.prompts_per_iter} is more than the "
+                         f"{len(prompt_texts)} prompts to draw from")
+    longest = max(len(tok.render_prompt(p)) for p in prompt_texts)
+    if longest + cfg.max_new_tokens > block_size:
+        raise ValueError("--max-new-tokens plus the longest prompt exceeds the model's block size")
+    return prompt_texts
+
+
+def save(cfg: PPOConfig, it: int, tok, policy, policy_opt, value_model, value_opt, kl_ctl):
+    """OUT/checkpoint.pt: the policy, and for --resume the value model, both optimizers, β."""
+    value_state = {k: v.detach().cpu() for k, v in value_model.state_dict().items()}
+    save_stage(cfg.out, model=policy, model_kind="gpt", config=cfg, tokenizer=tok, step=it,
+               optimizer=policy_opt, rng=rng_state(),
+               extra={"value_model": value_state, "value_optimizer": value_opt.state_dict(),
+                      "kl_controller": kl_ctl.state_dict()})
+
+
+def resume(cfg: PPOConfig, tok, policy, policy_opt, value_model, value_opt, kl_ctl) -> int | None:
+    """With --resume and OUT/checkpoint.pt: load everything `save` wrote and return the
+    iteration it was written at; None for a fresh start."""
+    ck_path = os.path.join(cfg.out, CHECKPOINT)
+    if not (cfg.resume and os.path.exists(ck_path)):
+        return None
+    ck = load_checkpoint(ck_path)
+    check_compatible(ck, ck_path, model_config=policy.config, tokenizer=tok)
+    policy.load_state_dict(ck["model"])
+    policy_opt.load_state_dict(ck["optimizer"])
+    value_model.load_state_dict(ck["extra"]["value_model"])
+    value_opt.load_state_dict(ck["extra"]["value_optimizer"])
+    kl_ctl.load_state_dict(ck["extra"]["kl_controller"])
+    set_rng_state(ck["rng"])
+    print(f"resumed from {ck_path} at iteration {ck['step']}")
+    return ck["step"]
+
+
+def log_iteration(log, it: int, ro: Rollout, stats: dict, beta: float, tok, dist) -> dict:
+    """One metrics row and one printed line: the proxy reward r_φ, the KL, the PPO diagnostics,
+    and the gold judge's verdict on the same rollouts (world prompts only), so reward hacking
+    shows when it happens. Returns the row (means over every process's responses)."""
+    texts = [tok.decode(ids) for ids in ro.gen.responses()]
+    known = [i for i, p in enumerate(ro.prompts) if is_world_prompt(p)]
+    gold = [gold_reward(ro.prompts[i], texts[i], bool(ro.gen.ended[i])) for i in known]
+    acc = [float(correct(ro.prompts[i], texts[i])) for i in known]
+    row = {"proxy": ro.proxy.mean().item(), "kl": ro.kl.sum(-1).mean().item(), "beta": beta,
+           "gold": float(np.mean(gold)) if gold else None,
+           "accuracy": float(np.mean(acc)) if acc else None,
+           "length": ro.mask.sum(-1).float().mean().item(),
+           "ended": ro.gen.ended.float().mean().item(), **stats,
+           **{f"time_{phase}": s for phase, s in ro.seconds.items()}}
+    row = mean_over_ranks(row, dist)  # the whole rollout's means (each process: B responses)
+    log.write(it, split="train", **row)
+    judged = (f"gold {row['gold']:+.3f} | acc {row['accuracy']:.2f}" if row["gold"] is not None
+              else "gold n/a (not the built-in world)")
+    print(f"iter {it:4d} | rm {row['proxy']:+.3f} | {judged} | kl {row['kl']:6.2f} | "
+          f"β {beta:.3f} | approx_kl {row['approx_kl']:.4f} | clipfrac {row['clipfrac']:.3f} | "
+          f"entropy {row['entropy']:.3f} | vf {row['value_loss']:.4f} | "
+          f"ev {row['explained_variance']:+.2f} | len {row['length']:4.1f} | "
+          + "/".join(f"{s:.2f}" for s in ro.seconds.values()) + "s", flush=True)
+    return row
+
+
+def held_out_evaluation(log, it: int, policy, ref, tok, world, cfg: PPOConfig) -> None:
+    """Gold, accuracy and KL of fresh samples on the validation prompts, logged as split "val"."""
+    ev = evaluate(policy, tok, world.val_prompts, ref=ref, max_new_tokens=cfg.max_new_tokens,
+                  seed=cfg.seed + 7)
+    log.write(it, split="val", gold=ev["gold"], accuracy=ev["accuracy"], kl=ev["kl"],
+              length=ev["length"])
+    print(f"iter {it:4d} | held-out: gold {ev['gold']:+.3f} | accuracy {ev['accuracy']:.3f} | "
+          f"kl {ev['kl']:.2f}", flush=True)
+
+
+def final_results(cfg: PPOConfig, policy, ref, reward_model, tok, world, device) -> dict:
+    """The end of the run: the proxy over the last tenth of training, the median seconds of each
+    phase, and on the world's test prompts the final evaluation (sampled and greedy, KL to SFT)
+    and the reward model's mean score of fresh samples (what it thinks of the final policy)."""
+    rows = [r for r in read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+            if r["split"] == "train"]
+    result = {"final_proxy": float(np.mean([r["proxy"] for r in rows[-max(1, len(rows) // 10):]])),
+              "phase_seconds": {p: float(np.median([r[f"time_{p}"] for r in rows]))
+                                for p in ("generate", "score", "update")}}
     if not cfg.prompts:
         result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
-        # the proxy on held-out prompts: what the reward model thinks of the final policy
-        result["test_proxy"] = reward_on(policy, reward_model, tok, world.test_prompts, cfg, device)
+                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+        result["test_proxy"] = reward_on(policy, reward_model, tok, world.test_prompts, cfg,
+                                         device)
         print(f"test proxy reward (RM) {result['test_proxy']:+.3f} | median phase seconds "
               f"{result['phase_seconds']}")
-    write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 
 
@@ -492,14 +567,6 @@ def reward_on(policy, reward_model, tok, prompts, cfg, device) -> float:
     with autocast(device):
         score = reward_model.score(gen.tokens, gen.attn_mask).float()
     return score.mean().item()
-
-
-def is_world_prompt(text: str) -> bool:
-    try:
-        lookup(text)
-        return True
-    except ValueError:
-        return False
 
 
 def main(argv=None):

@@ -28,7 +28,7 @@ import typing
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage block) so they read like the rest of our errors."""
+    """argparse, but errors are one line (no usage block), like the rest of our errors."""
 
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -36,7 +36,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def field_comments(cls) -> dict[str, str]:
-    """Map field name -> the comment written after it in the class source."""
+    """Map field name -> the comment written after it in the class source. A comment may go on
+    over the next lines when they hold only a comment starting in the same column:
+
+        epochs: int = 1      # passes over each rollout (one beat two:
+                             # docs/results.md, "PPO")
+    """
     comments = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -45,8 +50,16 @@ def field_comments(cls) -> dict[str, str]:
             source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.M):
-            comments[m.group(1)] = m.group(2).strip()
+        name, column = None, -1
+        for line in source.splitlines():
+            field = re.match(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", line)
+            if field:
+                name, column = field.group(1), line.rindex("#", 0, field.start(2))
+                comments[name] = field.group(2).strip()
+            elif name and re.match(r"^\s*#", line) and line.index("#") == column:
+                comments[name] += " " + line[column + 1:].strip()  # the comment goes on
+            else:
+                name = None
     return comments
 
 

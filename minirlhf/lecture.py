@@ -17,8 +17,9 @@ What each one reuses: `returns` and `reinforce` compute G_t with `minirlhf.rl.di
 `clip` evaluates `train_ppo.policy_loss` and differentiates it with autograd; `kl` measures KL with
 `minirlhf.rl.kl_k1`/`kl_k3` and checks DPO's implicit reward with `train_dpo.dpo_loss`;
 `bradley-terry` calls `train_rm.preference_probability` and `train_rm.reward_loss`; `rlhf-step`
-runs `sampler.generate`, `train_ppo.per_token_logprobs`/`state_values`, `rl.gae`,
-`masking.masked_whiten` and `train_ppo.ppo_loss` on tiny random models.
+runs `sampler.generate`, `train_ppo.per_token_logprobs`/`state_values`, `rl.token_kl`,
+`rl.kl_penalised_rewards`, `rl.gae`, `masking.masked_whiten` and `train_ppo.ppo_loss` on tiny
+random models.
 
 Simplified on purpose:
 - reinforce: one softmax over {left, stay, right} shared by every position (the lecture's single
@@ -42,7 +43,7 @@ import torch
 
 from minirlhf.config import OneLineParser
 from minirlhf.masking import masked_mean, masked_whiten
-from minirlhf.rl import discounted_returns, gae, kl_k1, kl_k3
+from minirlhf.rl import discounted_returns, gae, kl_k1, kl_k3, kl_penalised_rewards, token_kl
 
 ACTIONS = ("left", "stay", "right")
 
@@ -349,18 +350,15 @@ def _shape(x: torch.Tensor) -> str:
     return str(tuple(x.shape))
 
 
-def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, lam: float = 0.95,
-              clip_eps: float = 0.2, lr: float = 2e-3, seed: int = 0,
-              out: str = "out/lecture") -> dict:
-    """One RLHF iteration through the four models of lecture ch. 7 — generate, score, advantages,
-    one PPO update — on tiny random models, printing every tensor's shape."""
-    from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
-    from minirlhf.sampler import generate
-    from minirlhf.tokenizer import Tokenizer
-    from train_ppo import per_token_logprobs, ppo_loss, state_values
+def _fmt(x: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{v:+.3f}" for v in x.tolist()) + "]"
 
+
+def tiny_four_models(seed: int):
+    """The four models of lecture ch. 7, tiny and random, and a BPE tokenizer for them."""
+    from minirlhf.model import GPT, GPTConfig, ScalarHeadModel
+    from minirlhf.tokenizer import Tokenizer
     torch.manual_seed(seed)
-    cpu = torch.device("cpu")
     tok = Tokenizer.train(RLHF_TEXT, vocab_size=300)  # byte-level BPE on three sentences
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=32)
     ref = GPT(cfg)  # π_ref: the "SFT model", frozen
@@ -380,19 +378,18 @@ def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, l
         trainable = any(p.requires_grad for p in m.parameters())
         print(f"  {name:<16} {type(m).__name__:<16} {m.num_params():>7,d} params  "
               f"{'trainable' if trainable else 'frozen'}")
-    shapes = {}
+    return models, tok
 
-    # ---- 1. generate: y ~ π_θ(·|x), no grad
+
+def _step_generate(policy, tok, max_new_tokens: int, seed: int):
+    """1. y ~ π_θ(·|x), no grad: the rollout's tokens and response mask."""
+    from minirlhf.sampler import generate
     prompts = [tok.render_prompt(p) for p in RLHF_PROMPTS]
     gen = generate(policy, prompts, max_new_tokens, eos_id=tok.end_id, pad_id=tok.pad_id,
                    generator=torch.Generator().manual_seed(seed))
-    tokens, attn_mask = gen.tokens, gen.attn_mask  # (B, T)
-    mask = gen.response_mask[:, 1:]  # (B, T-1) targets that are response tokens
-    B, T = tokens.shape
-    shapes.update(tokens=tuple(tokens.shape), response_mask=tuple(gen.response_mask.shape),
-                  mask=tuple(mask.shape))
-    print(f"\n1. generate  y ~ π_θ(·|x)                                  [π_θ, no grad]")
-    print(f"   tokens        {_shape(tokens)}: B = {B} prompts left-padded to P = "
+    B = gen.tokens.shape[0]
+    print("\n1. generate  y ~ π_θ(·|x)                                  [π_θ, no grad]")
+    print(f"   tokens        {_shape(gen.tokens)}: B = {B} prompts left-padded to P = "
           f"{gen.prompt_len}, then up to {max_new_tokens} response tokens")
     print(f"   response_mask {_shape(gen.response_mask)}: 1 on generated tokens (end token "
           f"included), 0 on prompt and padding")
@@ -400,55 +397,61 @@ def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, l
         row = "".join(str(int(v)) for v in gen.response_mask[b])
         ids = gen.responses()[b]
         print(f"     {row}  {RLHF_PROMPTS[b]!r} -> {ids} {tok.decode(ids)!r}")
+    return gen
 
-    # ---- 2. score: r_φ(x, y), log π_θold, log π_ref, V(s_t); KL per token and per response
-    with torch.no_grad():
-        score = reward_model.score(tokens, attn_mask)  # (B,) r_φ(x, y) at the last real token
-        old_logp = per_token_logprobs(policy, tokens, attn_mask, cpu)  # (B, T-1) log π_θold
-        ref_logp = per_token_logprobs(ref, tokens, attn_mask, cpu)  # (B, T-1) log π_ref
-        old_values = state_values(value_model, tokens, attn_mask, cpu)  # (B, T-1) V(s_t)
-    kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)  # (B, T-1) log π_θ − log π_ref, ch. 5
-    kl_per_response = kl.sum(-1)  # (B,)
-    shapes.update(score=tuple(score.shape), old_logp=tuple(old_logp.shape),
-                  ref_logp=tuple(ref_logp.shape), values=tuple(old_values.shape),
-                  kl=tuple(kl.shape), kl_per_response=tuple(kl_per_response.shape))
-    fmt = lambda x: "[" + ", ".join(f"{v:+.3f}" for v in x.tolist()) + "]"  # noqa: E731
-    print(f"\n2. score")
-    print(f"   score r_φ(x, y)           {_shape(score)} {fmt(score)}   [r_φ frozen]")
-    print(f"   old_logp log π_θold       {_shape(old_logp)}, response mean "
-          f"{masked_mean(old_logp, mask).item():+.3f}          [π_θ, no grad]")
-    print(f"   ref_logp log π_ref        {_shape(ref_logp)}, response mean "
-          f"{masked_mean(ref_logp, mask).item():+.3f}          [π_ref frozen]")
-    print(f"   old_values V_ψ(s_t)       {_shape(old_values)}"
+
+@torch.no_grad()
+def _step_score(models: dict, gen, mask: torch.Tensor) -> dict:
+    """2. r_φ(x, y), log π_θold, log π_ref, V(s_t), and the KL per token (lecture ch. 7 step 2),
+    with the functions train_ppo.py scores its rollouts with."""
+    from train_ppo import per_token_logprobs, state_values
+    cpu, tokens, attn_mask = torch.device("cpu"), gen.tokens, gen.attn_mask
+    s = {"score": models["reward r_φ"].score(tokens, attn_mask),  # (B,) at the last real token
+         "old_logp": per_token_logprobs(models["policy π_θ"], tokens, attn_mask, cpu),
+         "ref_logp": per_token_logprobs(models["reference π_ref"], tokens, attn_mask, cpu),
+         "values": state_values(models["value V_ψ"], tokens, attn_mask, cpu)}  # (B, T-1) each
+    s["kl"] = token_kl(s["old_logp"], s["ref_logp"], mask)  # (B, T-1) log π_θ − log π_ref
+    print("\n2. score")
+    print(f"   score r_φ(x, y)           {_shape(s['score'])} {_fmt(s['score'])}   [r_φ frozen]")
+    print(f"   old_logp log π_θold       {_shape(s['old_logp'])}, response mean "
+          f"{masked_mean(s['old_logp'], mask).item():+.3f}          [π_θ, no grad]")
+    print(f"   ref_logp log π_ref        {_shape(s['ref_logp'])}, response mean "
+          f"{masked_mean(s['ref_logp'], mask).item():+.3f}          [π_ref frozen]")
+    print(f"   old_values V_ψ(s_t)       {_shape(s['values'])}"
           f"                                [V_ψ, no grad]")
-    print(f"   kl = log π_θ − log π_ref  {_shape(kl)} per token; per response "
-          f"{_shape(kl_per_response)} {fmt(kl_per_response)}")
+    print(f"   kl = log π_θ − log π_ref  {_shape(s['kl'])} per token; per response "
+          f"{_shape(s['kl'].sum(-1))} {_fmt(s['kl'].sum(-1))}")
     print("     (k1 of one sample can be negative; its mean over samples of π_θ is the KL)")
+    return s
 
-    # ---- 3. advantages: per-token reward −β·KL, r_φ on the last token, GAE, whitening
-    rewards = -beta * kl  # (B, T-1)
-    last = mask.long().cumsum(-1).argmax(-1)  # (B,) column of the last response token
-    rewards[torch.arange(B), last] += score  # r − β·KL, lecture ch. 7 step 2
-    advantages, returns = gae(rewards, old_values, mask, gamma, lam)  # (B, T-1) each
+
+def _step_advantages(s: dict, mask: torch.Tensor, beta: float, gamma: float, lam: float):
+    """3. per-token reward r_φ − β·KL (minirlhf.rl.kl_penalised_rewards), GAE, whitening."""
+    rewards = kl_penalised_rewards(s["score"], s["old_logp"], s["ref_logp"], mask, beta)
+    advantages, returns = gae(rewards, s["values"], mask, gamma, lam)  # (B, T-1) each
     white = masked_whiten(advantages, mask)  # (B, T-1)
-    shapes.update(rewards=tuple(rewards.shape), advantages=tuple(advantages.shape),
-                  returns=tuple(returns.shape))
-    print(f"\n3. advantages")
+    print("\n3. advantages")
     print(f"   rewards      {_shape(rewards)}: −β·kl on every response token (β = {beta}), "
           f"+ r_φ on the last one")
     print(f"   advantages   {_shape(advantages)}, returns {_shape(returns)}: GAE, γ = {gamma}, "
           f"λ = {lam}")
     print(f"   whitened     mean {masked_mean(white, mask).item():+.3f}, std "
           f"{masked_mean(white ** 2, mask).sqrt().item():.3f} over the real tokens")
+    return rewards, advantages, returns, white
 
-    # ---- 4. one PPO update of π_θ and V_ψ on L_PPO = L^CLIP − c1·L^VF + c2·H
+
+def _step_update(models: dict, gen, mask, s: dict, white, returns, clip_eps: float, lr: float):
+    """4. one PPO update of π_θ and V_ψ on L_PPO = L^CLIP − c1·L^VF + c2·H (train_ppo.ppo_loss)."""
+    from train_ppo import per_token_logprobs, ppo_loss, state_values
+    cpu, tokens, attn_mask = torch.device("cpu"), gen.tokens, gen.attn_mask
+    policy, value_model = models["policy π_θ"], models["value V_ψ"]
     policy.train()
     value_model.train()
     opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in (policy, value_model)]
     logp, entropy = per_token_logprobs(policy, tokens, attn_mask, cpu, with_entropy=True)
     values = state_values(value_model, tokens, attn_mask, cpu)  # (B, T-1), with grad
-    loss, stats = ppo_loss(logp, old_logp, white, values, old_values, returns, mask, entropy,
-                           clip_eps)
+    loss, stats = ppo_loss(logp, s["old_logp"], white, values, s["values"], returns, mask,
+                           entropy, clip_eps)
     loss.backward()
     got_grad = {name: any(p.grad is not None for p in m.parameters())
                 for name, m in models.items()}
@@ -457,9 +460,8 @@ def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, l
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         new_logp = per_token_logprobs(policy, tokens, attn_mask, cpu)  # (B, T-1)
-    _, after = ppo_loss(new_logp, old_logp, white, values.detach(), old_values, returns, mask,
-                        clip_eps=clip_eps)
-    shapes.update(logp=tuple(logp.shape), entropy=tuple(entropy.shape))
+    _, after = ppo_loss(new_logp, s["old_logp"], white, values.detach(), s["values"], returns,
+                        mask, clip_eps=clip_eps)
     print(f"\n4. PPO update  (one Adam step, lr = {lr}, ε = {clip_eps})")
     print(f"   logp {_shape(logp)} and entropy {_shape(entropy)} from π_θ with grad; "
           f"values {_shape(values)} from V_ψ with grad")
@@ -470,6 +472,21 @@ def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, l
                                                for n, g in got_grad.items()))
     print(f"   after the step: ratio π_θ/π_θold {after['ratio'].item():.3f} | approx_kl "
           f"{after['approx_kl'].item():.5f} | clipfrac {after['clipfrac'].item():.3f}")
+    return {"logp": logp, "entropy": entropy, "stats": stats, "after": after,
+            "got_grad": got_grad}
+
+
+def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, lam: float = 0.95,
+              clip_eps: float = 0.2, lr: float = 2e-3, seed: int = 0,
+              out: str = "out/lecture") -> dict:
+    """One RLHF iteration through the four models of lecture ch. 7 — generate, score, advantages,
+    one PPO update — on tiny random models, printing every tensor's shape."""
+    models, tok = tiny_four_models(seed)
+    gen = _step_generate(models["policy π_θ"], tok, max_new_tokens, seed)       # 1.
+    mask = gen.response_mask[:, 1:]  # (B, T-1) targets that are response tokens
+    s = _step_score(models, gen, mask)                                           # 2.
+    rewards, advantages, returns, white = _step_advantages(s, mask, beta, gamma, lam)  # 3.
+    u = _step_update(models, gen, mask, s, white, returns, clip_eps, lr)         # 4.
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -477,14 +494,23 @@ def rlhf_step(max_new_tokens: int = 8, beta: float = 0.05, gamma: float = 1.0, l
     x = np.arange(len(cols))
     ax.bar(x - 0.2, rewards[0, cols].numpy(), 0.4, label="reward (−β·KL, + r_φ at the end)")
     ax.bar(x + 0.2, advantages[0, cols].numpy(), 0.4, label="GAE advantage")
-    ax.plot(x, old_values[0, cols].numpy(), "k.-", label="value V(s_t)")
-    ax.set(xlabel="response token", title=f"response 0: {RLHF_PROMPTS[0]!r}")
+    ax.plot(x, s["values"][0, cols].numpy(), "k.-", label="value V(s_t)")
+    ax.set(xlabel="response token", ylabel="per-token value",
+           title=f"response 0: {RLHF_PROMPTS[0]!r}")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     path = _save(fig, out, "rlhf_step")
-    return {"shapes": shapes, "B": B, "T": T, "prompt_len": gen.prompt_len,
-            "score": score.tolist(), "kl_per_response": kl_per_response.tolist(),
-            "loss": stats["loss"].item(), "stats": {k: v.item() for k, v in stats.items()},
-            "after": {k: v.item() for k, v in after.items()}, "got_grad": got_grad,
+    shapes = {name: tuple(t.shape) for name, t in (
+        ("tokens", gen.tokens), ("response_mask", gen.response_mask), ("mask", mask),
+        ("score", s["score"]), ("old_logp", s["old_logp"]), ("ref_logp", s["ref_logp"]),
+        ("values", s["values"]), ("kl", s["kl"]), ("kl_per_response", s["kl"].sum(-1)),
+        ("rewards", rewards), ("advantages", advantages), ("returns", returns),
+        ("logp", u["logp"]), ("entropy", u["entropy"]))}
+    return {"shapes": shapes, "B": gen.tokens.shape[0], "T": gen.tokens.shape[1],
+            "prompt_len": gen.prompt_len, "score": s["score"].tolist(),
+            "kl_per_response": s["kl"].sum(-1).tolist(), "rewards": rewards.tolist(),
+            "loss": u["stats"]["loss"].item(),
+            "stats": {k: v.item() for k, v in u["stats"].items()},
+            "after": {k: v.item() for k, v in u["after"].items()}, "got_grad": u["got_grad"],
             "n_response_tokens": int(mask.sum()), "figure": path}
 
 

@@ -3,7 +3,9 @@ the KL-coefficient controllers. Pure functions of tensors; nothing here touches 
 
 - returns and GAE: lecture ch. 2 (G_t, V, advantage A = Q - V) and ch. 7 (A = r - V(x)),
 - the leave-one-out group baseline: ch. 3 ("baseline subtraction"),
-- per-token KL estimators for the KL-penalised reward r - β·KL: ch. 5, ch. 7 step 2,
+- the KL-penalised reward r_φ − β·KL, per token (`kl_penalised_rewards`) or per response with
+  the γ = 0 advantage A = R − V(x) (`bandit_advantages`): ch. 5, ch. 7 step 2,
+- per-token KL estimators k1, k2, k3: ch. 5,
 - adaptive β: Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences".
 
 Shapes: B batch (sequences), T time (per-token positions), N samples, k samples per prompt.
@@ -111,6 +113,67 @@ def group_baseline_advantages(R: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = R.reshape(-1, k)  # (N/k, k)
     others_mean = (groups.sum(-1, keepdim=True) - groups) / (k - 1)  # (N/k, k) baseline b_i
     return (groups - others_mean).reshape(-1)  # (N,)
+
+
+# ----------------------------------------------------------------------------- the KL-penalised reward
+# RLHF maximises J = E[r_φ(x, y)] − β·KL(π_θ‖π_ref) (lecture ch. 5). The reward model scores a
+# whole response; the KL is a sum over its tokens. Two ways to hand this to the advantage
+# estimator follow: per token (for GAE), or as one reward per response (γ = 0, ch. 7).
+
+def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL sample log π_θ(y_t) − log π_ref(y_t) (k1, below) on response tokens, 0 elsewhere.
+
+    logp, ref_logp, mask: (B, T) -> (B, T). Its row sum is the response's KL estimate KL(y).
+    """
+    return torch.where(mask.bool(), kl_k1(logp, ref_logp), 0.0)  # (B, T), lecture ch. 5
+
+
+def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                         mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards of the KL-penalised objective (lecture ch. 5; ch. 7 step 2).
+
+    score:    (B,) r_φ(x, y), the reward model's score of each whole response
+    logp:     (B, T) log π_θ(y_t | x, y_<t) of the sampled tokens
+    ref_logp: (B, T) log π_ref(y_t | x, y_<t) of the same tokens
+    mask:     (B, T) 1 on response tokens
+    beta:     β, the KL coefficient
+    returns   rewards (B, T): r_t = −β·(log π_θ(y_t) − log π_ref(y_t)) on every response token,
+              plus r_φ(x, y) on the last one; 0 where masked.
+
+    Summed over a response the rewards are r_φ(x, y) − β·KL(y): the objective's sample. Spread
+    over tokens, GAE can credit each token with the KL it added.
+    """
+    rewards = -beta * token_kl(logp, ref_logp, mask)  # (B, T) −β·KL_t on each token
+    last = mask.long().cumsum(-1).argmax(-1)  # (B,) column of the last response token
+    rewards[torch.arange(len(last)), last] += score  # r_φ arrives at the end, lecture ch. 7
+    return rewards
+
+
+def kl_penalised_return(score: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """One reward per response, R = r_φ(x, y) − β·KL(y) (lecture ch. 5).
+
+    score: (B,) r_φ(x, y); kl: (B, T) per-token KL samples, 0 off the response (`token_kl`)
+    -> R (B,). It equals the row sum of `kl_penalised_rewards`.
+    """
+    return score - beta * kl.sum(-1)  # (B,)
+
+
+def bandit_advantages(score: torch.Tensor, kl: torch.Tensor, values_at_prompt: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lecture's γ = 0 simplification (ch. 7): the whole response is one action.
+
+    score:            (B,) r_φ(x, y)
+    kl:               (B, T) per-token KL samples, 0 off the response (`token_kl`)
+    values_at_prompt: (B,) V_ψ(x), the value model's estimate at the prompt's last token
+    beta:             β
+    returns           (A, R), each (B,): R = r_φ(x, y) − β·KL(y) and A = R − V_ψ(x). R is the
+                      value model's regression target at the prompt.
+
+    With γ = λ = 1, GAE on `kl_penalised_rewards` gives at the first response token
+    R − V(s_0): this form is that advantage, with V(x) as the only baseline.
+    """
+    R = kl_penalised_return(score, kl, beta)  # (B,) R = r_φ − β·KL
+    return R - values_at_prompt, R  # A = R − V(x), lecture ch. 7
 
 
 # ----------------------------------------------------------------------------- KL estimators

@@ -225,6 +225,15 @@ def lookup(prompt: PromptLike) -> Prompt:
         raise ValueError(f"not a prompt of the built-in world: {prompt!r}") from None
 
 
+def is_world_prompt(prompt: PromptLike) -> bool:
+    """Whether the gold judge knows this prompt (it judges only the world's own prompts)."""
+    try:
+        lookup(prompt)
+        return True
+    except ValueError:
+        return False
+
+
 # ----------------------------------------------------------------------------------------------
 # Parsing a response
 

@@ -108,8 +108,9 @@ def test_bradley_terry_at_the_lecture_defaults(tmp_path):
 
 def test_rlhf_step_reports_consistent_shapes_and_trains_only_policy_and_value(tmp_path):
     """One traced RLHF iteration: tokens and response mask are (B, T); every per-token tensor is
-    (B, T−1); score and KL per response are (B,); gradients reach π_θ and V_ψ but not π_ref or
-    r_φ; the first PPO step is on-policy (ratio 1, clipfrac 0) and moves the policy."""
+    (B, T−1); score and KL per response are (B,); each response's per-token rewards add up to
+    r_φ − β·KL; gradients reach π_θ and V_ψ but not π_ref or r_φ; the first PPO step is
+    on-policy (ratio 1, clipfrac 0) and moves the policy."""
     res = lecture.rlhf_step(max_new_tokens=6, out=str(tmp_path))
     s, B, T = res["shapes"], res["B"], res["T"]
     assert B == len(lecture.RLHF_PROMPTS)
@@ -124,6 +125,8 @@ def test_rlhf_step_reports_consistent_shapes_and_trains_only_policy_and_value(tm
                                "reward r_φ": False, "value V_ψ": True}
     assert res["stats"]["ratio"] == pytest.approx(1.0) and res["stats"]["clipfrac"] == 0
     assert res["after"]["approx_kl"] > 0
+    for row, score, kl in zip(res["rewards"], res["score"], res["kl_per_response"]):
+        assert sum(row) == pytest.approx(score - 0.05 * kl)  # Σ_t r_t = r_φ − β·KL, β = 0.05
     assert os.path.isfile(res["figure"])
 
 

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from hypothesis import assume, given, strategies as st
 
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy
-from minirlhf.rl import (AdaptiveKLController, FixedKLController, discounted_returns,
-                         discounted_returns_reference, gae, gae_reference,
-                         group_baseline_advantages, kl_k1, kl_k2, kl_k3)
+from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advantages,
+                         discounted_returns, discounted_returns_reference, gae, gae_reference,
+                         group_baseline_advantages, kl_k1, kl_k2, kl_k3, kl_penalised_return,
+                         kl_penalised_rewards, token_kl)
 from train_ppo import entropy_bonus, explained_variance, policy_loss, ppo_loss, value_loss
 
 seeds = st.integers(0, 2**31 - 1)
@@ -302,6 +303,83 @@ def test_terminal_reward_gives_the_lectures_advantage():
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     torch.testing.assert_close(adv, torch.tensor([[0.0, 1.7, 2.2, 1.5]]))
     torch.testing.assert_close(ret, torch.tensor([[0.0, 2.0, 2.0, 2.0]]))
+
+
+# =============================================================================== the KL-penalised reward
+
+def scored_rollout(seed, B=5, T=8):
+    """A rollout's worth of tensors: scores (B,), log π_θ and log π_ref (B, T), and a response
+    mask whose responses are not empty (every row has at least one response token)."""
+    g = torch.Generator().manual_seed(seed)
+    score = 3 * torch.randn(B, generator=g, dtype=torch.float64)
+    logp = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    ref_logp = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        start = int(torch.randint(0, T, (1,), generator=g))
+        end = int(torch.randint(start + 1, T + 1, (1,), generator=g))
+        mask[b, start:end] = True
+    return score, logp, ref_logp, mask
+
+
+@given(seed=seeds, beta=st.floats(0, 2))
+def test_kl_penalised_rewards_sum_to_score_minus_beta_kl(seed, beta):
+    """Σ_t r_t over a response = r_φ(x, y) − β·Σ_t (log π_θ(y_t) − log π_ref(y_t)) (ch. 5), each
+    response token carries −β·KL_t (the last one r_φ too), and masked positions carry 0."""
+    score, logp, ref_logp, mask = scored_rollout(seed)
+    rewards = kl_penalised_rewards(score, logp, ref_logp, mask, beta)
+    kl = ((logp - ref_logp) * mask).sum(-1)  # (B,) by hand
+    torch.testing.assert_close(rewards.sum(-1), score - beta * kl)
+    assert torch.all(rewards[~mask] == 0)
+    last = torch.tensor([int(row.nonzero().max()) for row in mask])
+    for b in range(len(score)):
+        for t in mask[b].nonzero().flatten().tolist():
+            expected = -beta * (logp[b, t] - ref_logp[b, t]) + (score[b] if t == last[b] else 0)
+            assert math.isclose(float(rewards[b, t]), float(expected), abs_tol=1e-12)
+    torch.testing.assert_close(kl_penalised_return(score, token_kl(logp, ref_logp, mask), beta),
+                               rewards.sum(-1))
+
+
+@given(seed=seeds, beta=st.floats(0, 2))
+def test_zero_kl_leaves_the_score_on_the_last_token_only(seed, beta):
+    """When π_θ = π_ref (every KL_t = 0) the per-token reward is r_φ(x, y) on each response's last
+    token and 0 everywhere else, whatever β; with β = 0 the same holds for any policy."""
+    score, logp, ref_logp, mask = scored_rollout(seed)
+    for rewards in (kl_penalised_rewards(score, logp, logp.clone(), mask, beta),
+                    kl_penalised_rewards(score, logp, ref_logp, mask, 0.0)):
+        expected = torch.zeros_like(rewards)
+        for b in range(len(score)):
+            expected[b, int(mask[b].nonzero().max())] = score[b]
+        assert torch.equal(rewards, expected)
+
+
+@given(seed=seeds, beta=st.floats(0, 2))
+def test_gae_with_gamma_lambda_one_on_kl_penalised_rewards_is_the_bandit_form(seed, beta):
+    """With γ = λ = 1, GAE on the per-token rewards gives at a response's first token
+    A = Σ_t r_t − V(s_0) = r_φ − β·KL − V(x): the lecture's γ = 0 advantage (ch. 7), and the
+    return there is R = r_φ − β·KL, the value model's target at the prompt."""
+    score, logp, ref_logp, mask = scored_rollout(seed)
+    values = torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 1),
+                         dtype=torch.float64)
+    rewards = kl_penalised_rewards(score, logp, ref_logp, mask, beta)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    first = mask.long().argmax(-1)  # (B,) first response token
+    rows = torch.arange(len(score))
+    A, R = bandit_advantages(score, token_kl(logp, ref_logp, mask), values[rows, first], beta)
+    torch.testing.assert_close(adv[rows, first], A)
+    torch.testing.assert_close(ret[rows, first], R)
+
+
+def test_bandit_advantage_is_reward_minus_value_of_the_prompt():
+    """A = R − V(x) with R = r_φ(x, y) − β·KL(y) (lecture ch. 7, γ = 0), by hand."""
+    score = torch.tensor([1.0, -0.5])
+    kl = torch.tensor([[0.0, 0.2, 0.3, 0.0], [0.0, 0.0, -0.1, 0.5]])  # (B, T), 0 off the response
+    v_x = torch.tensor([0.25, -1.0])
+    A, R = bandit_advantages(score, kl, v_x, beta=0.1)
+    torch.testing.assert_close(R, torch.tensor([1.0 - 0.1 * 0.5, -0.5 - 0.1 * 0.4]))
+    torch.testing.assert_close(A, R - v_x)
+    A0, R0 = bandit_advantages(score, kl, torch.zeros(2), beta=0.0)  # β = 0, V = 0: A = r_φ
+    assert torch.equal(A0, score) and torch.equal(R0, score)
 
 
 @given(seed=seeds, gamma=st.floats(0, 1), lam=st.floats(0, 1), span=st.booleans())
