@@ -83,9 +83,11 @@ def run_stage(name, module, cfg, results, timings):
     return results[name]
 
 
-def main(argv=None):
-    parser = OneLineParser(prog="python -m minirlhf.pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out/pipeline", help="folder for every stage and the report")
+def parse_args(argv=None):
+    parser = OneLineParser(prog="python -m minirlhf.pipeline",
+                           description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out/pipeline",
+                        help="folder for every stage and the report")
     parser.add_argument("--quick", action="store_true", help="tiny settings, under a minute")
     parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at several β")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -95,39 +97,40 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
-    out, t_start = args.out, time.time()
+    return args
+
+
+def stage_configs(args) -> dict:
+    """Every stage's config, each reading the folders of the stages before it."""
+    out = args.out
     common = dict(device=args.device, precision=args.precision, seed=args.seed)
     shrink = quick if args.quick else (lambda c: c)
-    results, timings = {}, {}
+    ppo = shrink(train_ppo.PPOConfig(out=f"{out}/ppo", sft=f"{out}/sft", rm=f"{out}/rm",
+                                     **common))
+    # β = 0 stops at 40 iterations: by then proxy and gold have plainly diverged (docs/results.md)
+    hack = dataclasses.replace(ppo, out=f"{out}/ppo_no_kl", kl_coef=0.0,
+                               iterations=min(ppo.iterations, 40))
+    return {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)),
+            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True,
+                                           **common)),
+            "ppo": ppo, "ppo_no_kl": hack,
+            "dpo": shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
+                                              data=f"{out}/rm/prefs.jsonl", **common))}
 
-    sft_cfg = shrink(train_sft.SFTConfig(out=f"{out}/sft", **common))
-    rm_cfg = shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True, **common))
-    ppo_cfg = shrink(train_ppo.PPOConfig(out=f"{out}/ppo", sft=f"{out}/sft", rm=f"{out}/rm",
-                                         **common))
-    # β = 0 stops at 40 iterations: by then the proxy reward is far above PPO's and the gold score
-    # far below SFT's (measured at iteration 40: rollout proxy 2.4 vs PPO's 1.4, gold −1.7 vs
-    # 1.0, KL 40 nats); the rest of a 100-iteration run only deepens the collapse, at 90 s more
-    hack_cfg = dataclasses.replace(ppo_cfg, out=f"{out}/ppo_no_kl", kl_coef=0.0,
-                                   iterations=min(ppo_cfg.iterations, 40))
-    dpo_cfg = shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
-                                         data=f"{out}/rm/prefs.jsonl", **common))
 
-    sft = run_stage("sft", train_sft, sft_cfg, results, timings)
-    rm = run_stage("rm", train_rm, rm_cfg, results, timings)
-    ppo = run_stage("ppo", train_ppo, ppo_cfg, results, timings)
-    hack = run_stage("ppo_no_kl", train_ppo, hack_cfg, results, timings)
-    dpo = run_stage("dpo", train_dpo, dpo_cfg, results, timings)
+MODULES = {"sft": train_sft, "rm": train_rm, "ppo": train_ppo, "ppo_no_kl": train_ppo,
+           "dpo": train_dpo}
 
-    world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
-    # the closed-form optimum of max E[r] − β·KL(π‖π_SFT) at each β, r the labeller's utility
-    # (minirlhf/world.py kl_optimum): what PPO and DPO could reach at their β with a perfect reward
-    # model; and with r = PPO's reward (the trained reward model, the no-end penalty): what PPO can
-    # reach with the reward model it was given
-    t0 = time.time()
+
+def closed_form_optimum(args, ppo_cfg, dpo_cfg) -> list[dict]:
+    """The closed-form optimum of max E[r] − β·KL(π‖π_SFT) at several β (minirlhf/evaluate.py
+    `kl_optimum`), r the labeller's utility: what PPO and DPO could reach at their β with a
+    perfect reward model; and with r = PPO's reward (the trained reward model plus the no-end
+    penalty): what PPO can reach with the reward model it was given."""
     device = resolve_device(args.device)
     set_precision(args.precision)  # the reward model scores as it did in PPO's rollouts
-    sft_policy, tok, _ = load_stage(f"{out}/sft", "gpt", device)
-    reward_model = load_stage(f"{out}/rm", "scalar", device)[0].eval()
+    sft_policy, tok, _ = load_stage(f"{args.out}/sft", "gpt", device)
+    reward_model = load_stage(f"{args.out}/rm", "scalar", device)[0].eval()
 
     def ppo_reward(tokens, attn_mask, ended):  # as PPO's rollout scores a response (train_ppo.py)
         with autocast(device):
@@ -135,21 +138,29 @@ def main(argv=None):
         return score + ppo_cfg.no_end_penalty * (~ended).float()
 
     betas = sorted({0.1, 0.2, 0.5, 1.0, 2.0, 4.0, ppo_cfg.kl_coef, dpo_cfg.beta})
-    curve = kl_optimum(sft_policy, tok, World(args.seed).test_prompts, betas,
-                       samples_per_prompt=8 if args.quick else 32,
-                       max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed, reward=ppo_reward)
-    timings["kl_optimum"] = time.time() - t0
+    return kl_optimum(sft_policy, tok, World(args.seed).test_prompts, betas,
+                      samples_per_prompt=8 if args.quick else 32,
+                      max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed, reward=ppo_reward)
+
+
+def summarize(results: dict, timings: dict, world: dict) -> dict:
+    """summary.json's stage rows and the gap each method closes, from the stages' results."""
+    sft, rm, ppo, hack, dpo = (results[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "dpo"))
+    mixture = world["styles"]["mixture"]
     summary = {
-        "world": {"demonstrators_gold": world["styles"]["mixture"]["gold"],
-                  "demonstrators_accuracy": world["styles"]["mixture"]["accuracy"],
+        "world": {"demonstrators_gold": mixture["gold"],
+                  "demonstrators_accuracy": mixture["accuracy"],
                   "optimum_gold": world["optimum"], "n_test_prompts": world["n_prompts"]["test"],
                   "demonstrator_pairs_bayes_accuracy": world["bayes_accuracy"]},
         "sft": {"gold": sft["sampled"]["gold"], "accuracy": sft["sampled"]["accuracy"],
-                "greedy_gold": sft["greedy"]["gold"], "greedy_accuracy": sft["greedy"]["accuracy"],
-                "kl": 0.0, "seconds": timings["sft"]},
-        "rm": {"test_accuracy": rm.get("test_accuracy"), "bayes_accuracy": rm.get("bayes_accuracy"),
+                "greedy_gold": sft["greedy"]["gold"],
+                "greedy_accuracy": sft["greedy"]["accuracy"], "kl": 0.0,
+                "seconds": timings["sft"]},
+        "rm": {"test_accuracy": rm.get("test_accuracy"),
+               "bayes_accuracy": rm.get("bayes_accuracy"),
                "expected_accuracy": rm.get("test_expected_accuracy"),
-               "shortfall": {k: v["points_lost"] for k, v in rm.get("test_shortfall", {}).items()},
+               "shortfall": {k: v["points_lost"]
+                             for k, v in rm.get("test_shortfall", {}).items()},
                "n_pairs": rm["n_train_pairs"], "seconds": timings["rm"]},
         "ppo": {"gold": ppo["sampled"]["gold"], "accuracy": ppo["sampled"]["accuracy"],
                 "kl": ppo["sampled"]["kl"], "proxy": ppo["test_proxy"],
@@ -158,12 +169,24 @@ def main(argv=None):
                       "proxy": hack["test_proxy"], "kl": hack["sampled"]["kl"],
                       "seconds": timings["ppo_no_kl"]},
         "dpo": {"gold": dpo["sampled"]["gold"], "accuracy": dpo["sampled"]["accuracy"],
-                "kl": dpo["sampled"]["kl"], "implicit_accuracy": dpo.get("test_pairs", {}).get("accuracy"),
+                "kl": dpo["sampled"]["kl"],
+                "implicit_accuracy": dpo.get("test_pairs", {}).get("accuracy"),
                 "greedy_gold": dpo["greedy"]["gold"], "seconds": timings["dpo"]},
     }
-    gap = summary["world"]["optimum_gold"] - summary["sft"]["gold"]
-    summary["gap_closed"] = {m: (summary[m]["gold"] - summary["sft"]["gold"]) / gap if gap > 0 else None
+    summary["gap_closed"] = {m: gap_closed(summary, summary[m]["gold"])
                              for m in ("ppo", "ppo_no_kl", "dpo")}
+    return summary
+
+
+def gap_closed(summary: dict, gold: float) -> float | None:
+    """(gold − gold_SFT) / (optimum − gold_SFT): the fraction of the SFT → optimum gap closed."""
+    gap = summary["world"]["optimum_gold"] - summary["sft"]["gold"]
+    return (gold - summary["sft"]["gold"]) / gap if gap > 0 else None
+
+
+def frontier_points(summary: dict, cfgs: dict, args, results: dict, timings: dict) -> list:
+    """Gold against KL for every policy; --sweep trains PPO and DPO at more β for it."""
+    ppo_cfg, dpo_cfg = cfgs["ppo"], cfgs["dpo"]
     frontier = [{"method": "SFT", "kl": 0.0, "gold": summary["sft"]["gold"]},
                 {"method": "PPO", "kl": summary["ppo"]["kl"], "gold": summary["ppo"]["gold"],
                  "label": f"β={ppo_cfg.kl_coef:g}"},
@@ -171,33 +194,45 @@ def main(argv=None):
                  "gold": summary["ppo_no_kl"]["gold"]},
                 {"method": "DPO", "kl": summary["dpo"]["kl"], "gold": summary["dpo"]["gold"],
                  "label": f"β={dpo_cfg.beta:g}"}]
-    if args.sweep:
-        for beta in (0.01, 0.02, 0.1, 0.5):
-            cfg = dataclasses.replace(ppo_cfg, out=f"{out}/sweep/ppo_beta{beta:g}", kl_coef=beta)
-            r = run_stage(f"ppo β={beta:g}", train_ppo, cfg, results, timings)
-            frontier.append({"method": "PPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
-                             "label": f"β={beta:g}"})
-        for beta in (0.1, 1.0, 3.0):
-            cfg = dataclasses.replace(dpo_cfg, out=f"{out}/sweep/dpo_beta{beta:g}", beta=beta)
-            r = run_stage(f"dpo β={beta:g}", train_dpo, cfg, results, timings)
-            frontier.append({"method": "DPO", "kl": r["sampled"]["kl"], "gold": r["sampled"]["gold"],
-                             "label": f"β={beta:g}"})
+    if not args.sweep:
+        return frontier
+    sweep = [("PPO", train_ppo, ppo_cfg, "kl_coef", beta) for beta in (0.01, 0.02, 0.1, 0.5)]
+    sweep += [("DPO", train_dpo, dpo_cfg, "beta", beta) for beta in (0.1, 1.0, 3.0)]
+    for method, module, base, field, beta in sweep:
+        cfg = dataclasses.replace(base, out=f"{args.out}/sweep/{method.lower()}_beta{beta:g}",
+                                  **{field: beta})
+        r = run_stage(f"{method.lower()} β={beta:g}", module, cfg, results, timings)
+        frontier.append({"method": method, "kl": r["sampled"]["kl"],
+                         "gold": r["sampled"]["gold"], "label": f"β={beta:g}"})
+    return frontier
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start, results, timings = time.time(), {}, {}
+    cfgs = stage_configs(args)
+    for name, cfg in cfgs.items():  # SFT -> RM -> PPO -> PPO β = 0 -> DPO
+        run_stage(name, MODULES[name], cfg, results, timings)
+    world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
+    t0 = time.time()
+    curve = closed_form_optimum(args, cfgs["ppo"], cfgs["dpo"])
+    timings["kl_optimum"] = time.time() - t0
+    summary = summarize(results, timings, world)
+    frontier = frontier_points(summary, cfgs, args, results, timings)
     summary["frontier"] = frontier
     summary["kl_optimum"] = {"points": curve, "seconds": timings["kl_optimum"],
-                             "ppo": next(c for c in curve if c["beta"] == ppo_cfg.kl_coef),
-                             "dpo": next(c for c in curve if c["beta"] == dpo_cfg.beta)}
-    def closed(point):
-        point["gap_closed"] = (point["gold"] - summary["sft"]["gold"]) / gap if gap > 0 else None
-    for m in ("ppo", "dpo"):
-        closed(summary["kl_optimum"][m])
-    closed(summary["kl_optimum"]["ppo"]["reward_model"])
+                             "ppo": next(c for c in curve if c["beta"] == cfgs["ppo"].kl_coef),
+                             "dpo": next(c for c in curve if c["beta"] == cfgs["dpo"].beta)}
+    for point in (summary["kl_optimum"]["ppo"], summary["kl_optimum"]["dpo"],
+                  summary["kl_optimum"]["ppo"]["reward_model"]):
+        point["gap_closed"] = gap_closed(summary, point["gold"])
     summary["total_seconds"] = time.time() - t_start
-    os.makedirs(out, exist_ok=True)
-    figures = draw_all(out, summary, frontier, curve)
-    write_json(os.path.join(out, "summary.json"), summary)
+    os.makedirs(args.out, exist_ok=True)
+    figures = draw_all(args.out, summary, frontier, curve)
+    write_json(os.path.join(args.out, "summary.json"), summary)
     print_table(summary)
     print("figures: " + ", ".join(figures))
-    print(f"summary: {os.path.join(out, 'summary.json')}")
+    print(f"summary: {os.path.join(args.out, 'summary.json')}")
     return summary
 
 
@@ -228,14 +263,16 @@ def print_table(s: dict) -> None:
           f"PPO β=0 {s['ppo_no_kl']['proxy']:+.3f} | total {s['total_seconds']:.0f} s")
     if "kl_optimum" in s:
         o = s["kl_optimum"]
-        print("closed-form optimum π_SFT·exp(r/β)/Z with the labeller's own reward (what a perfect "
-              "reward model would allow):\n  " + " | ".join(
-                  f"{name} β={o[m]['beta']:g}: gold {o[m]['gold']:.3f}, KL {o[m]['kl']:.2f}, gap "
-                  f"closed {f(o[m]['gap_closed'], '.2f')}" for name, m in (("PPO", "ppo"), ("DPO", "dpo"))))
+        print("closed-form optimum π_SFT·exp(r/β)/Z with the labeller's own reward (what a "
+              "perfect reward model would allow):\n  " + " | ".join(
+                  f"{name} β={o[m]['beta']:g}: gold {o[m]['gold']:.3f}, KL {o[m]['kl']:.2f}, "
+                  f"gap closed {f(o[m]['gap_closed'], '.2f')}"
+                  for name, m in (("PPO", "ppo"), ("DPO", "dpo"))))
         r = o["ppo"].get("reward_model")
         if r:
-            print(f"  with PPO's reward (the trained reward model) instead: PPO β={o['ppo']['beta']:g}: "
-                  f"gold {r['gold']:.3f}, KL {r['kl']:.2f}, gap closed {f(r['gap_closed'], '.2f')}")
+            print(f"  with PPO's reward (the trained reward model) instead: PPO "
+                  f"β={o['ppo']['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}, gap closed "
+                  f"{f(r['gap_closed'], '.2f')}")
 
 
 if __name__ == "__main__":

@@ -382,6 +382,46 @@ def test_bandit_advantage_is_reward_minus_value_of_the_prompt():
     assert torch.equal(A0, score) and torch.equal(R0, score)
 
 
+@given(seed=seeds, beta=st.floats(0, 1), advantage=st.sampled_from(["gae", "bandit", "group"]))
+def test_compute_advantages_calls_the_lecture_steps(seed, beta, advantage):
+    """train_ppo.compute_advantages is the lecture's step 3 and nothing more: GAE on
+    `kl_penalised_rewards` (gae), A = R − V(x) from `bandit_advantages` on every response token
+    with V(x) regressed onto R at the prompt (bandit), or the leave-one-out baseline on
+    R = r_φ − β·KL (group, no value target); whitened over the rollout's real tokens."""
+    import types
+    from minirlhf.distributed import Dist
+    from train_ppo import PPOConfig, Rollout, compute_advantages
+    k, P = 2, 2  # samples per prompt; prompt length: responses start at column P − 1 of (B, T-1)
+    score, logp, ref_logp, _ = scored_rollout(seed, B=4, T=7)
+    g = torch.Generator().manual_seed(seed + 2)
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    for b in range(4):
+        mask[b, P - 1:P - 1 + int(torch.randint(1, 7 - P + 2, (1,), generator=g))] = True
+    values = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    kl = token_kl(logp, ref_logp, mask)
+    ro = Rollout(["x"] * 4, types.SimpleNamespace(prompt_len=P), mask, logp, ref_logp, values,
+                 kl, score, score, {})
+    cfg = PPOConfig(advantage=advantage, samples_per_prompt=k, gamma=1.0, lam=0.9)
+    adv, returns, value_mask = compute_advantages(ro, beta, cfg, Dist(0, 1, torch.device("cpu")))
+    if advantage == "gae":
+        raw, want_returns = gae(kl_penalised_rewards(score, logp, ref_logp, mask, beta), values,
+                                mask, 1.0, 0.9)
+        assert torch.equal(value_mask, mask)
+    else:
+        if advantage == "bandit":
+            A, R = bandit_advantages(score, kl, values[:, P - 1], beta)
+        else:
+            A, R = group_baseline_advantages(kl_penalised_return(score, kl, beta), k), None
+        raw = torch.where(mask, A[:, None].expand_as(logp), 0.0)
+        want_returns = torch.zeros_like(values)
+        want_value_mask = torch.zeros_like(mask)
+        if R is not None:
+            want_returns[:, P - 1], want_value_mask[:, P - 1] = R, True
+        assert torch.equal(value_mask, want_value_mask)
+    torch.testing.assert_close(returns, want_returns)
+    torch.testing.assert_close(adv, masked_whiten(raw, mask))
+
+
 @given(seed=seeds, gamma=st.floats(0, 1), lam=st.floats(0, 1), span=st.booleans())
 def test_masked_positions_do_not_leak(seed, gamma, lam, span):
     """Rewriting rewards and values at masked positions (huge numbers) changes no output at a
