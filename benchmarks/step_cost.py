@@ -40,7 +40,8 @@ def main():
     torch.manual_seed(0)
     tok = world_tokenizer(512)
     world, rng = World(0), np.random.default_rng(0)
-    prompts = [world.train_prompts[i] for i in rng.integers(len(world.train_prompts), size=args.pairs)]
+    drawn = rng.integers(len(world.train_prompts), size=args.pairs)
+    prompts = [world.train_prompts[i] for i in drawn]
     rows = [{"prompt": p.text, "chosen": demonstration(p, rng), "rejected": demonstration(p, rng)}
             for p in prompts]
     pairs = train_dpo.encode_pairs(rows, tok)

@@ -181,7 +181,8 @@ def load_tokenizer_for(ck: dict, folder: str):
         else:
             tok = Tokenizer.gpt2(None if ref["source"] == "gpt2" else ref["source"])
     except TokenizerError as e:
-        raise CheckpointError(f"{folder}: the checkpoint's tokenizer cannot be loaded: {e}") from None
+        raise CheckpointError(f"{folder}: the checkpoint's tokenizer cannot be loaded: "
+                              f"{e}") from None
     if tok.fingerprint() != ref["fingerprint"]:
         raise CheckpointError(f"{folder}: {TOKENIZER} does not match the checkpoint "
                               f"(fingerprint {tok.fingerprint()} vs {ref['fingerprint']})")

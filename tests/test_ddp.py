@@ -85,7 +85,8 @@ def runs(tmp_path_factory):
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # its own process group, so that a hang kills torchrun's workers too, not only the launcher
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", os.path.abspath(__file__), json.dumps(stages)],
+                             "--nproc_per_node", "2", os.path.abspath(__file__),
+                             json.dumps(stages)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -38,7 +38,8 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     assert len(curve) >= 4 and all(math.isfinite(c[k]) for c in curve for k in ("gold", "kl"))
     golds = [c["gold"] for c in sorted(curve, key=lambda c: c["beta"])]
     assert golds == sorted(golds, reverse=True)  # smaller β, weaker anchor: never less gold
-    assert on_disk["kl_optimum"]["ppo"]["beta"] == 0.2 and on_disk["kl_optimum"]["dpo"]["beta"] == 0.3
+    assert on_disk["kl_optimum"]["ppo"]["beta"] == 0.2
+    assert on_disk["kl_optimum"]["dpo"]["beta"] == 0.3
     # the same optimum with PPO's reward (the trained reward model): a point at every β
     assert all(math.isfinite(c["reward_model"][k]) for c in curve for k in ("gold", "kl"))
     assert math.isfinite(on_disk["kl_optimum"]["ppo"]["reward_model"]["gap_closed"])

@@ -207,7 +207,8 @@ def test_expected_accuracy_of_the_judge_is_the_bayes_limit():
     wrong = "The capital of Japan is Rome."
     pairs = [(p, opt, polite), (p, wrong, opt), (p, polite, wrong), (p, opt, wrong, True, False)]
     gold = [0.2, -1.3, 1.1, 1.8]  # g_a − g_b; the last b lacks its end token (−0.5)
-    assert gold[:3] == [pytest.approx(gold_reward(p, a) - gold_reward(p, b)) for _, a, b in pairs[:3]]
+    assert gold[:3] == [pytest.approx(gold_reward(p, a) - gold_reward(p, b))
+                        for _, a, b in pairs[:3]]
     bayes = bayes_accuracy(pairs)
     assert expected_accuracy(pairs, gold) == pytest.approx(bayes, abs=1e-12)
     assert expected_accuracy(pairs, [-g for g in gold]) == pytest.approx(1 - bayes, abs=1e-12)
