@@ -131,21 +131,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None):
-    cfg, device = start(BenchConfig, argv, PROG)
-    set_precision("bf16")  # autocast(device) is bf16 wherever a path asks for it
-    batch, T, steps, warmup = DEFAULTS[(cfg.shape, device.type)]
-    batch, T = cfg.batch or batch, cfg.seq_len or T
-    steps = cfg.steps or steps
-    warmup = warmup if cfg.warmup is None else cfg.warmup
-    model_cfg = SHAPES[cfg.shape]
-    if device.type == "cuda":  # tensor cores like multiples of 64 (GPT-2: 50257 -> 50304 rows)
-        model_cfg = replace(model_cfg, pad_vocab_multiple=64)
-    if T > model_cfg.block_size:
-        fail(PROG, f"--seq-len {T} exceeds the shape's block_size {model_cfg.block_size}")
-    if not cfg.json:
-        print(format_config(cfg))
-
+def choose_paths(cfg, device) -> tuple[list, list[str]]:
+    """The training-step variants to time on this device (the first is the scripts' path), and
+    a line for each comparison this device cannot make."""
     skipped = []
     if device.type == "cuda":
         paths = [Variant("fast", bf16=True, fused=True, compiled=cfg.compile)]
@@ -171,6 +159,37 @@ def main(argv=None):
         skipped.append("fused AdamW, compile: CUDA only")
         if cfg.compile:
             skipped.append("--compile: CUDA only")
+    return paths, skipped
+
+
+def print_report(results: dict, ratios: dict, skipped: list[str], steps: int) -> None:
+    """The human-readable form of the JSON report."""
+    for name, r in results.items():
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{name:>14}: {r['tokens_per_s']:>10.1f} tokens/s, {r['flops_per_s']:.3g} "
+              f"FLOP/s, MFU {mfu} (median of {steps}: {r['step_seconds']:.4f} s/step)")
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+    for s in skipped:
+        print(f"skipped: {s}")
+
+
+def main(argv=None):
+    cfg, device = start(BenchConfig, argv, PROG)
+    set_precision("bf16")  # autocast(device) is bf16 wherever a path asks for it
+    batch, T, steps, warmup = DEFAULTS[(cfg.shape, device.type)]
+    batch, T = cfg.batch or batch, cfg.seq_len or T
+    steps = cfg.steps or steps
+    warmup = warmup if cfg.warmup is None else cfg.warmup
+    model_cfg = SHAPES[cfg.shape]
+    if device.type == "cuda":  # tensor cores like multiples of 64 (GPT-2: 50257 -> 50304 rows)
+        model_cfg = replace(model_cfg, pad_vocab_multiple=64)
+    if T > model_cfg.block_size:
+        fail(PROG, f"--seq-len {T} exceeds the shape's block_size {model_cfg.block_size}")
+    if not cfg.json:
+        print(format_config(cfg))
+
+    paths, skipped = choose_paths(cfg, device)
 
     g = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.randint(0, model_cfg.vocab_size, (batch, T + 1), generator=g).to(device)
@@ -242,14 +261,7 @@ def main(argv=None):
     if cfg.json:
         print(json.dumps(report))
     else:
-        for name, r in results.items():
-            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            print(f"{name:>14}: {r['tokens_per_s']:>10.1f} tokens/s, {r['flops_per_s']:.3g} "
-                  f"FLOP/s, MFU {mfu} (median of {steps}: {r['step_seconds']:.4f} s/step)")
-        for k, v in ratios.items():
-            print(f"{k}: {v}x")
-        for s in skipped:
-            print(f"skipped: {s}")
+        print_report(results, ratios, skipped, steps)
     return report
 
 
