@@ -1,6 +1,6 @@
 """Supervised finetuning (SFT): teach the model to imitate demonstrations (lecture ch. 1).
 
-    python train_sft.py                                   # built-in world, ~2.5 min on 2 CPU cores
+    python train_sft.py                                   # the built-in world
     python train_sft.py --data my_sft.jsonl --init out/sft --out out/sft2
     python train_sft.py --explain out/sft "Which is larger, 3 or 8?" "8 is larger than 3."
     python train_sft.py --resume                          # continue a stopped run
@@ -19,7 +19,6 @@ Left out on purpose: packing several examples into one sequence, LoRA, multi-tur
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -29,21 +28,21 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
-                                 load_stage, load_tokenizer_for, model_from_checkpoint, rng_state,
-                                 save_stage, set_rng_state)
+from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_stage,
+                                 load_tokenizer_for, model_from_checkpoint)
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
-from minirlhf.distributed import all_reduce_sum, mean_over_ranks, shard, wrap
+from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
+from minirlhf.evaluate import evaluate, final_evaluation
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, epoch_batches, fail, lr_at,
-                               make_optimizer, pad_batch, set_lr, start_run, write_json)
-from minirlhf.evaluate import evaluate, final_evaluation
+from minirlhf.training import (MetricsLog, NonFiniteError, batches_from, checkpoint_to_resume, due,
+                               epoch_batches, fail, lr_at, make_optimizer, optimizer_step,
+                               pad_batch, progress_bar, resume_state, save_run, set_lr, start_run,
+                               write_json)
 from minirlhf.world import World, world_tokenizer
 
 
@@ -89,7 +88,8 @@ def sft_loss(logits: torch.Tensor, tokens: torch.Tensor,
 @dataclass
 class SFTConfig:
     out: str = "out/sft"              # folder for checkpoint.pt, metrics.jsonl, eval.json
-    data: str | None = None           # SFT JSONL (prompt/completion, messages or HH); none = built-in world
+    data: str | None = None           # SFT JSONL (prompt/completion, messages or HH); none =
+                                      # the built-in world
     val_data: str | None = None       # validation JSONL; none = world val prompts, or 5% of --data
     init: str | None = None           # start from this stage folder's weights, or gpt2:DIR (GPT-2)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
@@ -137,6 +137,89 @@ class SFTConfig:
             raise ValueError("--n-embd must be divisible by --n-head")
 
 
+def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
+    """Data, model and optimizer; then per step: a batch, L_SFT, backward, an optimizer step,
+    and on schedule a log line, the validation loss and a checkpoint; then the final evaluation."""
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device, world = dist.device, World(cfg.seed)
+
+    # --- data, model and optimizer: fresh, from --init, or where a stopped run left off ---
+    ck = checkpoint_to_resume(cfg)  # OUT/checkpoint.pt with --resume, else None
+    model, tok = load_model(cfg, ck, device)
+    cfg.block_size = model.config.block_size
+    train_set, val_set = load_examples(cfg, tok, world)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {tok.vocab_size}; "
+          f"{len(train_set)} training and {len(val_set)} validation examples", flush=True)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = resume_state(cfg, ck, optimizer)  # the checkpoint's step; None for a fresh run
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    fwd = maybe_compile(model, device, cfg.compile)
+    train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
+    step = start or 0
+    batches = micro_batch_indices(cfg, train_set, step, dist)
+
+    # --- the loop: forward, masked cross-entropy, backward, clip, step ---
+    model.train()
+    t0, tokens_seen, step_seconds = time.time(), 0, 0.0
+    bar = progress_bar(cfg.max_steps, step, "sft", dist)
+    while step < cfg.max_steps:
+        t_step = time.time()
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        micro_batches = [collate(train_set, next(batches), tok, device)
+                         for _ in range(cfg.grad_accum)]
+        loss, accuracy, n_read = forward_backward(train_fwd, micro_batches, device, dist)
+        grad_norm = optimizer_step(optimizer, model, cfg.grad_clip, step + 1, loss)
+        step += 1
+        tokens_seen += n_read
+        step_seconds += time.time() - t_step
+        bar.update(1)
+        if due(step, cfg.log_every, cfg.max_steps):
+            tok_s = all_reduce_sum(tokens_seen, dist) / step_seconds
+            log_train(log, step, loss, accuracy, lr, grad_norm, tok_s, dist)
+        if due(step, cfg.eval_every, cfg.max_steps):  # every process; rank 0 prints and writes
+            val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
+            print(f"step {step:5d} | val loss {val:.4f}", flush=True)
+            log.write(step, split="val", loss=val)
+            show_samples(model, tok, world, cfg, step)
+        if dist.is_main and due(step, cfg.ckpt_every, cfg.max_steps):
+            save_run(cfg, step, model, optimizer, tok)
+    bar.close()
+
+    # --- evaluation on held-out test prompts: sampled (temperature 1) and greedy ---
+    result = {"train_seconds": time.time() - t0}
+    if cfg.data is None and dist.is_main:
+        model.eval()
+        result.update(final_evaluation(model, tok, world.test_prompts, seed=cfg.seed,
+                                       temperature=cfg.eval_temperature,
+                                       max_new_tokens=cfg.max_new_tokens))
+        write_json(os.path.join(cfg.out, "eval.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases of train(), in the order it calls them
+# ----------------------------------------------------------------------------------------------
+
+def load_model(cfg: SFTConfig, ck: dict | None, device) -> tuple[GPT, object]:
+    """(model, tokenizer): the checkpoint's on --resume, else --init's, else a fresh GPT of the
+    flags' size with the built-in world's tokenizer."""
+    path = os.path.join(cfg.out, CHECKPOINT)
+    if ck is not None:
+        if not cfg.init:  # the run's own model flags must describe the saved model
+            check_compatible(ck, path, model_config=GPTConfig(
+                vocab_size=ck["model_config"]["vocab_size"], block_size=cfg.block_size,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+        return model_from_checkpoint(ck, path, "gpt").to(device), load_tokenizer_for(ck, cfg.out)
+    if cfg.init:
+        model, tok, _ = load_stage(cfg.init, "gpt", device)
+        return model, tok
+    tok = world_tokenizer(cfg.vocab_size)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    return model.to(device), tok
+
+
 def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
     """(train, val) lists of (ids, n_prompt). The world's demonstrations, or --data JSONL."""
     if cfg.data is None:
@@ -160,8 +243,56 @@ def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
     return train, val
 
 
+def micro_batch_indices(cfg: SFTConfig, train_set, step: int, dist):
+    """The run's micro-batches from optimizer step `step` on (`grad_accum` per step), each as
+    this process's example indices; epochs of batches of similar lengths (`epoch_batches`)."""
+    lengths = np.array([len(ids) for ids, _ in train_set])
+    batch_size = min(cfg.batch_size, len(train_set))
+    return batches_from(step * cfg.grad_accum,
+                        lambda epoch: epoch_batches(cfg.seed, epoch, lengths, batch_size), dist)
+
+
+def collate(examples, idx, tok, device):
+    """The examples at idx -> right-padded tokens, attn_mask, loss_mask, each (B, T)."""
+    seqs, n_prompt = zip(*(examples[i] for i in idx))
+    return pad_batch(list(seqs), list(n_prompt), tok.pad_id, device)
+
+
+def forward_backward(fwd, micro_batches, device, dist) -> tuple[float, float, int]:
+    """Backpropagate L_SFT of one optimizer step's micro-batches (gradient accumulation).
+    Returns (loss, token accuracy) of the whole batch and the tokens this process read.
+
+    The loss is the token mean over the whole accumulated batch, so each micro-batch's loss is
+    weighed by its share of the tokens. Under torchrun DDP averages the processes' gradients, so
+    the shares count the tokens of an average process: the mean is then exactly the whole
+    batch's, however the tokens fall."""
+    n_total = all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro_batches), dist)
+    n_total = n_total / dist.world_size
+    loss_sum, acc_sum, tokens_read = 0.0, 0.0, 0
+    for tokens, attn_mask, loss_mask in micro_batches:
+        with autocast(device):
+            logits = fwd(tokens, attn_mask)                                         # (B, T, V)
+        loss, stats = sft_loss(logits.float(), tokens, loss_mask)
+        share = stats["n_tokens"].item() / n_total
+        (loss * share).backward()
+        loss_sum += loss.item() * share
+        acc_sum += stats["accuracy"].item() * share
+        tokens_read += int(attn_mask.sum())
+    return loss_sum, acc_sum, tokens_read
+
+
+def log_train(log, step, loss, accuracy, lr, grad_norm, tok_s, dist):
+    """One printed line and one metrics row: loss and token accuracy of the whole batch."""
+    means = mean_over_ranks({"loss": loss, "acc": accuracy}, dist)  # the whole batch's
+    print(f"step {step:5d} | loss {means['loss']:.4f} | token acc {means['acc']:.3f} | "
+          f"lr {lr:.2e} | grad norm {float(grad_norm):.2f} | {tok_s:,.0f} tok/s", flush=True)
+    log.write(step, split="train", loss=means["loss"], token_accuracy=means["acc"], lr=lr,
+              grad_norm=float(grad_norm))
+
+
 @torch.no_grad()
 def validation_loss(model, val, tok, device, batch_size=256) -> float:
+    """L_SFT over the validation examples: a token mean, as in training."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(val), batch_size):
@@ -174,123 +305,6 @@ def validation_loss(model, val, tok, device, batch_size=256) -> float:
         count += stats["n_tokens"].item()
     model.train()
     return total / max(count, 1)
-
-
-def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
-    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
-    device = dist.device
-    world = World(cfg.seed)
-    ck_path = os.path.join(cfg.out, CHECKPOINT)
-
-    # --- model and tokenizer: fresh, from --init, or from our own checkpoint (--resume) ---
-    resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
-    if cfg.resume and resume_ck is None:
-        print(f"no checkpoint at {ck_path}: starting from scratch")
-    if resume_ck is not None:
-        if not cfg.init:  # the run's own model flags must describe the saved model
-            check_compatible(resume_ck, ck_path, model_config=GPTConfig(
-                vocab_size=resume_ck["model_config"]["vocab_size"], block_size=cfg.block_size,
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-        model = model_from_checkpoint(resume_ck, ck_path, "gpt").to(device)
-        tok = load_tokenizer_for(resume_ck, cfg.out)
-    elif cfg.init:
-        model, tok, _ = load_stage(cfg.init, "gpt", device)
-    else:
-        tok = world_tokenizer(cfg.vocab_size)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size,
-                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
-    cfg.block_size = model.config.block_size
-    train_set, val_set = load_examples(cfg, tok, world)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {tok.vocab_size}; "
-          f"{len(train_set)} training and {len(val_set)} validation examples", flush=True)
-
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    step = 0
-    if resume_ck is not None:
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        set_rng_state(resume_ck["rng"])
-        step = resume_ck["step"]
-        print(f"resumed from {ck_path} at step {step}")
-    fwd = maybe_compile(model, device, cfg.compile)
-    train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None,
-                     enabled=dist.is_main)
-
-    lengths = np.array([len(ids) for ids, _ in train_set])
-
-    @functools.lru_cache(maxsize=2)
-    def batches_of(epoch):
-        return epoch_batches(cfg.seed, epoch, lengths, min(cfg.batch_size, len(train_set)))
-
-    def save(step):
-        save_stage(cfg.out, model=model, model_kind="gpt", config=cfg, tokenizer=tok, step=step,
-                   optimizer=optimizer, rng=rng_state())
-
-    # --- the loop: forward, masked cross-entropy, backward, clip, step ---
-    model.train()
-    t0, tokens_seen, step_seconds = time.time(), 0, 0.0
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=None if dist.is_main else True,
-               leave=False)
-    while step < cfg.max_steps:
-        t_step = time.time()
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        micro_batches = []
-        for micro in range(cfg.grad_accum):
-            epoch, k = divmod(step * cfg.grad_accum + micro, len(batches_of(0)))
-            idx = shard(batches_of(epoch)[k], dist)  # this process's share of the batch
-            seqs, n_prompt = zip(*(train_set[i] for i in idx))
-            micro_batches.append(pad_batch(list(seqs), list(n_prompt), tok.pad_id, device))
-        # token mean over the whole accumulated batch: weigh each micro-batch by its tokens. Under
-        # torchrun DDP averages the processes' gradients, so count the tokens of an average
-        # process: the mean is then exactly the whole batch's, however the tokens fall.
-        n_total = all_reduce_sum(sum(int(m[2][:, 1:].sum()) for m in micro_batches), dist)
-        n_total = n_total / dist.world_size
-        loss_sum, acc_sum = 0.0, 0.0
-        for tokens, attn_mask, loss_mask in micro_batches:
-            with autocast(device):
-                logits = train_fwd(tokens, attn_mask)                               # (B, T, V)
-            loss, stats = sft_loss(logits.float(), tokens, loss_mask)
-            share = stats["n_tokens"].item() / n_total
-            (loss * share).backward()
-            loss_sum += loss.item() * share
-            acc_sum += stats["accuracy"].item() * share
-            tokens_seen += int(attn_mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        # before the update, named as the log will name it (step + 1): no bad update is taken
-        check_finite(step + 1, loss=loss_sum, grad_norm=grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_seconds += time.time() - t_step
-        bar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            means = mean_over_ranks({"loss": loss_sum, "acc": acc_sum}, dist)  # the whole batch's
-            tok_s = all_reduce_sum(tokens_seen, dist) / step_seconds
-            print(f"step {step:5d} | loss {means['loss']:.4f} | token acc {means['acc']:.3f} | "
-                  f"lr {lr:.2e} | grad norm {float(grad_norm):.2f} | {tok_s:,.0f} tok/s", flush=True)
-            log.write(step, split="train", loss=means["loss"], token_accuracy=means["acc"], lr=lr,
-                      grad_norm=float(grad_norm))
-        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
-            print(f"step {step:5d} | val loss {val:.4f}", flush=True)
-            log.write(step, split="val", loss=val)
-            show_samples(model, tok, world, cfg, step)
-        if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            save(step)
-    bar.close()
-    train_seconds = time.time() - t0
-
-    # --- evaluation on held-out test prompts: sampled (temperature 1) and greedy ---
-    result = {"train_seconds": train_seconds}
-    if cfg.data is None and dist.is_main:
-        model.eval()
-        result.update(final_evaluation(model, tok, world.test_prompts, temperature=cfg.eval_temperature,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
-        write_json(os.path.join(cfg.out, "eval.json"), result)
-    return result
 
 
 def show_samples(model, tok, world, cfg, step):

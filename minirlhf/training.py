@@ -15,8 +15,15 @@
 - `start_run`: prints the config, resolves the device and the seeds (OUT/config.json is written
   beside each checkpoint, so a run refused for bad input leaves no file behind); under torchrun it
   joins the other processes first and returns who this one is (minirlhf/distributed.py).
+- Around the loops of train_sft.py, train_rm.py and train_dpo.py, one call each:
+  `checkpoint_to_resume` and `resume_state` (--resume: the checkpoint, then the weights,
+  optimizer, random states and step), `save_run` (the checkpoint --resume reads),
+  `batches_from` / `pair_batches_from` (the run's batches from a step on, this process's share),
+  `optimizer_step` (clip, NaN guard, update), `due` (log / evaluate / checkpoint now?),
+  `progress_bar`.
 
-The loops themselves stay in the train_*.py scripts, flat and in the open (STYLE.md rule 7).
+The loops themselves stay in the train_*.py scripts, flat and in the open (docs/design.md,
+"Conventions", rule 7).
 """
 from __future__ import annotations
 
@@ -28,11 +35,14 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .checkpoint import (CHECKPOINT, check_compatible, load_checkpoint, rng_state, save_checkpoint,
+                         save_stage, set_rng_state)
 from .errors import CheckpointError, NonFiniteError
 from .config import format_config
 from .device import resolve_device, set_precision, uses_bf16
-from .distributed import Dist, setup
+from .distributed import Dist, setup, shard
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
@@ -247,3 +257,93 @@ def fail(prog: str, message: str) -> None:
     """One-line error and exit code 1 for problems found while running (bad data, NaN, ...)."""
     sys.stderr.write(f"{prog}: error: {message}\n")
     raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Around the loop of train_sft.py, train_rm.py and train_dpo.py: resume, batches, the update,
+# checkpoints, progress. One call each, so that the scripts' train() reads like the lecture.
+# ----------------------------------------------------------------------------------------------
+
+def checkpoint_to_resume(cfg) -> dict | None:
+    """OUT/checkpoint.pt, loaded, when --resume finds one; None for a fresh run."""
+    path = os.path.join(cfg.out, CHECKPOINT)
+    if not cfg.resume:
+        return None
+    if not os.path.exists(path):
+        print(f"no checkpoint at {path}: starting from scratch")
+        return None
+    return load_checkpoint(path)
+
+
+def resume_state(cfg, ck: dict | None, optimizer, model=None, tokenizer=None) -> int | None:
+    """Continue where checkpoint `ck` (from `checkpoint_to_resume`) left off: restore the
+    optimizer and every random state, and return the step it was saved at; None for a fresh run.
+    model: the run's model, built as for a fresh run; the checkpoint's weights are loaded into it
+    once its shape and tokenizer are checked. Leave it out when the model was built from `ck`."""
+    if ck is None:
+        return None
+    path = os.path.join(cfg.out, CHECKPOINT)
+    if model is not None:
+        check_compatible(ck, path, model_config=model.config, tokenizer=tokenizer)
+        model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    set_rng_state(ck["rng"])
+    print(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
+
+
+def save_run(cfg, step: int, model, optimizer, tokenizer, kind: str = "gpt",
+             extra: dict | None = None, path: str | None = None) -> None:
+    """All that --resume needs: the weights, the optimizer, every random state and `extra`, in
+    OUT/checkpoint.pt (OUT/tokenizer.tiktoken and config.json beside it), or in the file `path`
+    (train_rm.py's best.pt). kind: "gpt" or "scalar". Under torchrun, rank 0 saves."""
+    state = dict(model=model, model_kind=kind, config=cfg, tokenizer=tokenizer, step=step,
+                 optimizer=optimizer, rng=rng_state(), extra=extra)
+    if path is None:
+        save_stage(cfg.out, **state)
+    else:
+        save_checkpoint(path, **state)
+
+
+def batches_from(i: int, batches_of, dist: Dist):
+    """The run's batches from its i-th on, epoch after epoch, each as this process's share of
+    the example indices. batches_of(epoch) draws one epoch's batches from the seed and the epoch
+    alone (`epoch_batches`, `group_batches`), so a resumed run reads the batches it would have."""
+    epoch, k = divmod(i, len(batches_of(0)))
+    while True:
+        for batch in batches_of(epoch)[k:]:
+            yield shard(batch, dist)
+        epoch, k = epoch + 1, 0
+
+
+def pair_batches_from(i: int, pairs, seed: int, batch_size: int, dist: Dist):
+    """`batches_from` for preference pairs (chosen ids, rejected ids, ...): batches of whole
+    groups (`pair_groups`: a prompt's k(k−1)/2 pairs together), so that each response is scored
+    once per batch and seen once per epoch, ~batch_size pairs from k/(k−1)·batch_size sequences."""
+    groups = pair_groups(pairs)
+    lengths = np.array([max(len(c), len(r)) for c, r, *_ in pairs])
+    batch_size = min(batch_size, len(pairs))
+    return batches_from(i, lambda epoch: group_batches(seed, epoch, groups, lengths, batch_size),
+                        dist)
+
+
+def optimizer_step(optimizer, model, grad_clip: float, step: int, loss) -> torch.Tensor:
+    """Clip the global gradient norm, stop on a non-finite loss or norm before the update (named
+    as `step`, as the metrics log will number it), update the weights, zero the gradients.
+    Returns the gradient norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    check_finite(step, loss=loss, grad_norm=grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Time to log, evaluate or checkpoint: every `every` steps, and at the last step."""
+    return step % every == 0 or step == last
+
+
+def progress_bar(total: int, start: int, desc: str, dist: Dist) -> tqdm:
+    """A progress bar on rank 0 (shown on a terminal only)."""
+    return tqdm(total=total, initial=start, desc=desc, disable=None if dist.is_main else True,
+                leave=False)

@@ -13,6 +13,7 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
+from minirlhf import training
 from minirlhf.checkpoint import load_checkpoint, load_stage
 from minirlhf.data import DataError
 from minirlhf.training import read_metrics
@@ -72,7 +73,7 @@ def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir):
     the uninterrupted run, and metrics.jsonl has each step once."""
     out = str(tmp_path / "sft")
     cfg = train_sft.SFTConfig(out=out, **TINY_SFT)
-    interrupt_after_saves(monkeypatch, train_sft, "save_stage", 1)
+    interrupt_after_saves(monkeypatch, training, "save_stage", 1)  # via save_run
     with pytest.raises(Interrupted):
         train_sft.train(cfg)
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 20
