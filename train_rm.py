@@ -10,9 +10,9 @@
 Stage two of the pipeline (lecture ch. 7). Preference data is made the lecture's way: for each
 training prompt the SFT policy writes responses (k = 4 by default; the lecture's "sample two" is
 k = 2) and a labeller picks one of every two — here the world's Bradley–Terry labeller on the
-gold score, noisy the way people are. The reward model is the SFT
-model with its language-model head swapped for a scalar head, read at the last real token, and
-trained with the Bradley–Terry loss −log σ(r_w − r_l) on (prompt, chosen, rejected) triples.
+gold score, noisy the way people are. The reward model is the SFT model with its language-model
+head swapped for a scalar head, read at the last real token, and trained with the Bradley–Terry
+loss −log σ(r_w − r_l) on (prompt, chosen, rejected) triples.
 
 Writes OUT/prefs.jsonl, prefs_val.jsonl, prefs_test.jsonl (with --make-pairs), OUT/checkpoint.pt
 (the best model by validation loss, rewards centred on the SFT policy), OUT/metrics.jsonl and
@@ -22,16 +22,12 @@ calibration table (also drawn as OUT/calibration.png).
 
 `--noise-free-labels` (built-in world only) trains on the labeller's probability P(y_w ≻ y_l)
 instead of its coin flip: the same loss averaged over the label's noise (`reward_loss` with
-p_chosen). It measures what the noise costs: on the pipeline's pairs the reward model ends 3.1
-points under the Bayes limit after 2000 steps with noise-free labels against 4.5 with the drawn
-ones, so most of the gap is generalisation to held-out phrasings of the questions, not noise.
+p_chosen). It measures what the noise costs (docs/results.md, "Reward model").
 
 Left out on purpose: ensembles, margin losses, more than two responses per comparison.
 """
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import time
 from dataclasses import dataclass
@@ -40,21 +36,20 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
-                                 load_stage, model_from_checkpoint, rng_state, save_checkpoint,
-                                 save_stage, set_rng_state)
+                                 load_stage, model_from_checkpoint)
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prefs, write_jsonl
 from minirlhf.device import autocast
-from minirlhf.distributed import barrier, broadcast, mean_over_ranks, shard, wrap
+from minirlhf.distributed import barrier, broadcast, mean_over_ranks, wrap
 from minirlhf.model import ScalarHeadModel
 from minirlhf.plots import plot_calibration
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, distinct_rows, fail,
-                               group_batches, lr_at, make_optimizer, pad_batch, pair_groups, set_lr,
+from minirlhf.training import (MetricsLog, NonFiniteError, checkpoint_to_resume, distinct_rows, due,
+                               fail, lr_at, make_optimizer, optimizer_step, pad_batch,
+                               pair_batches_from, progress_bar, resume_state, save_run, set_lr,
                                start_run, write_json)
 from minirlhf.world import (World, bayes_accuracy, expected_accuracy, label_pair,
                             pair_label_prob, shortfall_by_kind)
@@ -105,8 +100,129 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Preference pairs, the lecture's way (ch. 6 and 7, stage 2): sample two responses per prompt from
-# the SFT policy and let the world's noisy Bradley–Terry labeller pick one.
+# The training loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RMConfig:
+    out: str = "out/rm"               # folder for checkpoint.pt, prefs*.jsonl, metrics, eval.json
+    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the reward model's trunk
+                                      # starts there
+    make_pairs: bool = False          # sample preference pairs from --policy first (then train)
+    pairs_only: bool = False          # with --make-pairs: write the pairs and stop
+    policy: str | None = None         # policy that writes the pairs (default: --sft)
+    data: str | None = None           # preference JSONL to train on (default: OUT/prefs.jsonl)
+    val_data: str | None = None       # validation pairs (default: OUT/prefs_val.jsonl if present)
+    test_data: str | None = None      # test pairs (default: OUT/prefs_test.jsonl if present)
+    resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    seed: int = 0                     # seeds pair sampling, labels, data order
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
+    # pairs: 48000 from 32000 responses (k = 4); docs/results.md, "Reward model"
+    n_pairs: int = 48000              # training pairs to sample
+    n_val_pairs: int = 1000           # validation pairs (from validation prompts)
+    n_test_pairs: int = 2000          # test pairs (from test prompts; ±0.9 points of label noise)
+    responses_per_prompt: int = 4     # k responses per training prompt, all k(k-1)/2 pairs labelled
+    pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
+    max_new_tokens: int = 64          # response budget when sampling pairs
+    # optimisation: 2000 steps: 4.5 points under the Bayes limit; docs/results.md, "Reward model"
+    max_steps: int = 2000             # optimizer steps (early stopping may end sooner)
+    batch_size: int = 64              # pairs per step
+    lr: float = 5e-4                  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1         # cosine decays to lr * this
+    warmup: int = 20                  # linear warmup steps
+    weight_decay: float = 0.1         # AdamW decoupled weight decay on matrices
+    grad_clip: float = 1.0            # max global gradient norm
+    eval_every: int = 500             # steps between validation loss/accuracy (and checkpoints)
+    patience: int = 3                 # stop after this many evaluations without a better val loss
+    normalize: bool = True            # shift rewards so the SFT policy's responses average 0
+    noise_free_labels: bool = False   # built-in world: the labeller's P(y_w ≻ y_l) as target
+
+    def check(self):
+        check_ranges(self, positive=("n_pairs", "n_val_pairs", "n_test_pairs", "max_steps",
+                                     "batch_size", "eval_every", "patience", "max_new_tokens",
+                                     "lr", "grad_clip", "pair_temperature"),
+                     non_negative=("warmup", "weight_decay"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("--min-lr-ratio must be in [0, 1]")
+        if self.responses_per_prompt < 2:
+            raise ValueError("--responses-per-prompt must be at least 2")
+        if self.pairs_only and not self.make_pairs:
+            raise ValueError("--pairs-only needs --make-pairs")
+
+
+def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
+    """Preference pairs (with --make-pairs); the reward model and optimizer; then per step: a
+    batch of pairs, L_RM, backward, an optimizer step, and on schedule the validation loss, a
+    checkpoint and early stopping; then the best model, centred, and its test accuracy."""
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device, result = dist.device, {}
+    if cfg.make_pairs:
+        if dist.is_main:  # one process writes the pairs, the same as alone; the others wait
+            result["make_pairs"] = make_pairs_main(cfg, device)
+        barrier(dist)
+        if cfg.pairs_only:
+            return result
+    t0 = time.time()
+
+    # --- the reward model: the SFT trunk + a fresh scalar head (lecture ch. 6), or resumed ---
+    ck = checkpoint_to_resume(cfg)  # OUT/checkpoint.pt with --resume, else None
+    rm, tok = load_reward_model(cfg, ck, device)
+    train_pairs, p_chosen, val_pairs, test_rows = load_pairs(cfg, tok, rm.config.block_size)
+    print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters; {len(train_pairs)} training "
+          f"pairs, {len(val_pairs)} validation pairs", flush=True)
+    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+    start = resume_state(cfg, ck, optimizer)  # the checkpoint's step; None for a fresh run
+    best, bad_evals = float("inf"), 0  # early stopping: best validation loss, evals since it
+    if ck is not None:
+        best, bad_evals = ck["extra"]["best_val_loss"], ck["extra"]["bad_evals"]
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    step = start or 0
+    batches = pair_batches_from(step, train_pairs, cfg.seed, cfg.batch_size, dist)
+    train_score = wrap(rm, dist, "score")  # under torchrun DDP: backward averages gradients
+
+    # --- the loop: score chosen and rejected, Bradley–Terry loss, step ---
+    rm.train()
+    bar = progress_bar(cfg.max_steps, step, "rm", dist)
+    stopped_early = bad_evals >= cfg.patience  # resumed after early stopping: train no further
+    while step < cfg.max_steps and not stopped_early:
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        idx = next(batches)  # this process's share of the batch's pairs
+        r_chosen, r_rejected = score_pairs(train_score, [train_pairs[i] for i in idx], tok, device)
+        p = None if p_chosen is None else p_chosen[idx]  # reward_loss moves it to the device
+        # −log σ(r_w − r_l), lecture ch. 6 (averaged over the label's coin: --noise-free-labels)
+        loss, stats = reward_loss(r_chosen, r_rejected, p)
+        loss.backward()
+        optimizer_step(optimizer, rm, cfg.grad_clip, step + 1, loss)
+        step += 1
+        bar.update(1)
+        if due(step, cfg.eval_every, cfg.max_steps):  # every process; rank 0 prints and writes
+            val_loss = validate(rm, val_pairs, stats, lr, step, log, tok, cfg, dist)
+            best, bad_evals, stopped_early = early_stopping(cfg, val_loss, best, bad_evals, dist)
+            if dist.is_main:  # best.pt keeps the best model seen; checkpoint.pt the latest
+                save_checkpoints(cfg, step, rm, optimizer, tok, best, bad_evals)
+    bar.close()
+    if not dist.is_main:  # rank 0 finishes the model, evaluates and writes eval.json
+        return result
+
+    # --- the final model: the best checkpoint, rewards centred on the SFT policy ---
+    shift = best_model_centred(cfg, rm, train_pairs, tok, device)
+    extra = {"best_val_loss": best, "bad_evals": bad_evals, "reward_shift": shift, "finished": True}
+    save_run(cfg, step, rm, optimizer, tok, "scalar", extra)
+    result.update({"train_seconds": time.time() - t0, "steps": step,
+                   "stopped_early": stopped_early, "reward_shift": shift,
+                   "n_train_pairs": len(train_pairs)})
+    if test_rows:  # test accuracy next to the Bayes limit, and calibration
+        result.update(test_report(cfg, rm, test_rows, tok, device))
+    write_json(os.path.join(cfg.out, "eval.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases of train(), in the order it calls them. First the preference pairs, the lecture's
+# way (ch. 6 and 7, stage 2): sample responses per prompt from the SFT policy and let the
+# world's noisy Bradley–Terry labeller pick one of every two.
 # ----------------------------------------------------------------------------------------------
 
 class PairsError(RuntimeError):
@@ -121,19 +237,11 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
     labelled by its own draw of the Bradley–Terry labeller (InstructGPT had labellers rank K = 4
     to 9 responses for the same reason: K responses give K(K−1)/2 comparisons, many of them
     between responses that differ in one respect only). k = 2 is the plain "sample two" of the
-    lecture. Measured on the built-in world (16000 pairs, 900 steps, pairs shuffled one by one):
-    distinct responses matter more than comparisons among them — test accuracy 0.759 at k = 2,
-    0.756 at k = 3, 0.754 at k = 4, 0.731 at k = 8, 0.699 at k = 16. Training scores each
-    response once for all its pairs (`pair_batch`, batches of whole groups), so a prompt's
-    k(k−1)/2 pairs cost k forward passes. The default is 48000 pairs from 32000 responses
-    (k = 4) and 2000 steps, what the 10-minute pipeline affords. Measured on 6000 held-out
-    pairs (same SFT model and pairs; accuracy expected over the labels' noise, points under
-    the Bayes limit): 6.8 and 7.3 after 1500 steps; 3.6, 4.1, 4.1 and 5.0 after 3000 (weight
-    decay 0.1, 0.1, 1.0, 0.5). Most of the spread is one family: whether the model learns
-    the rule of `after` (n + 1 comes after n) or memorises the training prompts' answers;
-    when it memorises, held-out `after` pairs alone cost 1.5–2.3 points. Responses that lack the end token or are empty are dropped,
-    and so are pairs of identical texts: the JSONL format cannot mark a cut-off response or hold
-    an empty one, and an identical pair carries no preference.
+    lecture. Training scores each response once for all its pairs (`pair_batch`, batches of
+    whole groups), so a prompt's k(k−1)/2 pairs cost k forward passes (how k was chosen:
+    docs/results.md, "Reward model"). Responses that lack the end token or are empty are
+    dropped, and so are pairs of identical texts: the JSONL format cannot mark a cut-off
+    response or hold an empty one, and an identical pair carries no preference.
     """
     rng = np.random.default_rng(seed)  # the labeller's coin flips
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
@@ -165,19 +273,22 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
     return rows
 
 
-def make_pairs_main(cfg, device) -> dict:
-    """--make-pairs: write OUT/prefs.jsonl, prefs_val.jsonl, prefs_test.jsonl from --policy."""
+def make_pairs_main(cfg: RMConfig, device) -> dict:
+    """--make-pairs: write OUT/prefs.jsonl, prefs_val.jsonl, prefs_test.jsonl from --policy
+    (default: --sft)."""
     t0 = time.time()
-    policy, tok, _ = load_stage(cfg.policy, "gpt", device)
+    policy, tok, _ = load_stage(cfg.policy or cfg.sft, "gpt", device)
     policy.eval()
     world = World(cfg.seed)
     # held-out pairs are plain independent pairs (k = 2), so their Bayes limit is the lecture's
-    splits = {"prefs.jsonl": (world.train_prompts, cfg.n_pairs, cfg.seed, cfg.responses_per_prompt),
+    splits = {"prefs.jsonl": (world.train_prompts, cfg.n_pairs, cfg.seed,
+                              cfg.responses_per_prompt),
               "prefs_val.jsonl": (world.val_prompts, cfg.n_val_pairs, cfg.seed + 1, 2),
               "prefs_test.jsonl": (world.test_prompts, cfg.n_test_pairs, cfg.seed + 2, 2)}
     counts = {}
     for name, (prompts, n, seed, k) in splits.items():
-        rows = make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature, cfg.max_new_tokens, k)
+        rows = make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature,
+                          cfg.max_new_tokens, k)
         write_jsonl(os.path.join(cfg.out, name), rows)
         counts[name] = len(rows)
     seconds = time.time() - t0
@@ -186,60 +297,63 @@ def make_pairs_main(cfg, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop
+# The reward model and its data
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class RMConfig:
-    out: str = "out/rm"               # folder for checkpoint.pt, prefs*.jsonl, metrics, eval.json
-    sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the reward model's trunk starts there
-    make_pairs: bool = False          # sample preference pairs from --policy first (then train)
-    pairs_only: bool = False          # with --make-pairs: write the pairs and stop
-    policy: str | None = None         # policy that writes the pairs (default: --sft)
-    data: str | None = None           # preference JSONL to train on (default: OUT/prefs.jsonl)
-    val_data: str | None = None       # validation pairs (default: OUT/prefs_val.jsonl if present)
-    test_data: str | None = None      # test pairs (default: OUT/prefs_test.jsonl if present)
-    resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
-    seed: int = 0                     # seeds pair sampling, labels, data order
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
-    # pairs
-    n_pairs: int = 48000              # training pairs to sample
-    n_val_pairs: int = 1000           # validation pairs (from validation prompts)
-    n_test_pairs: int = 2000          # test pairs (from test prompts; ±0.9 points of label noise)
-    responses_per_prompt: int = 4     # k responses per training prompt, all k(k-1)/2 pairs labelled
-    pair_temperature: float = 1.0     # sampling temperature of the pair-writing policy
-    max_new_tokens: int = 64          # response budget when sampling pairs
-    # optimisation
-    max_steps: int = 2000             # optimizer steps (early stopping may end sooner)
-    batch_size: int = 64              # pairs per step
-    lr: float = 5e-4                  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1         # cosine decays to lr * this
-    warmup: int = 20                  # linear warmup steps
-    weight_decay: float = 0.1         # AdamW decoupled weight decay on matrices
-    grad_clip: float = 1.0            # max global gradient norm
-    eval_every: int = 500             # steps between validation loss/accuracy (and checkpoints)
-    patience: int = 3                 # stop after this many evaluations without a better val loss
-    normalize: bool = True            # shift rewards so the SFT policy's responses average 0
-    noise_free_labels: bool = False   # built-in world: the labeller's P(y_w ≻ y_l) as target
+def load_reward_model(cfg: RMConfig, ck: dict | None, device) -> tuple[ScalarHeadModel, object]:
+    """(reward model, tokenizer): the SFT model with its language-model head swapped for a fresh
+    scalar head (lecture ch. 6), or on --resume the checkpoint's, once it fits the SFT model."""
+    sft_model, tok, _ = load_stage(cfg.sft, "gpt", device)
+    if ck is None:
+        return ScalarHeadModel.from_gpt(sft_model), tok
+    path = os.path.join(cfg.out, CHECKPOINT)
+    check_compatible(ck, path, model_config=sft_model.config, tokenizer=tok)
+    return model_from_checkpoint(ck, path, "scalar").to(device), tok
 
-    def check(self):
-        check_ranges(self, positive=("n_pairs", "n_val_pairs", "n_test_pairs", "max_steps",
-                                     "batch_size", "eval_every", "patience", "max_new_tokens",
-                                     "lr", "grad_clip", "pair_temperature"),
-                     non_negative=("warmup", "weight_decay"))
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("--min-lr-ratio must be in [0, 1]")
-        if self.responses_per_prompt < 2:
-            raise ValueError("--responses-per-prompt must be at least 2")
-        if self.pairs_only and not self.make_pairs:
-            raise ValueError("--pairs-only needs --make-pairs")
+
+def load_pairs(cfg: RMConfig, tok, block_size: int):
+    """(training pairs, p_chosen, validation pairs, test rows). Pairs are (chosen ids, rejected
+    ids); p_chosen is each training pair's P(chosen ≻ rejected) with --noise-free-labels, else
+    None; without validation pairs the first 256 training pairs stand in; test rows may be None."""
+    train_path = cfg.data or os.path.join(cfg.out, "prefs.jsonl")
+    if not os.path.exists(train_path):
+        raise DataError(train_path, "no preference data: run with --make-pairs or pass --data")
+    train_rows = read_prefs(train_path, tok, block_size)
+    train_pairs = encode_pairs(train_rows, tok)
+    p_chosen = label_probabilities(train_rows, train_path) if cfg.noise_free_labels else None
+    val_path = cfg.val_data or os.path.join(cfg.out, "prefs_val.jsonl")
+    val_rows = read_pairs(val_path, tok, block_size)
+    test_path = cfg.test_data or os.path.join(cfg.out, "prefs_test.jsonl")
+    test_rows = read_pairs(test_path, tok, block_size)
+    val_pairs = encode_pairs(val_rows, tok) if val_rows else train_pairs[:256]
+    return train_pairs, p_chosen, val_pairs, test_rows
+
+
+def read_pairs(path, tok, block_size):
+    return read_prefs(path, tok, block_size) if path and os.path.exists(path) else None
 
 
 def encode_pairs(rows, tok) -> list[tuple[list[int], list[int]]]:
     return [(tok.render(r["prompt"], r["chosen"])[0], tok.render(r["prompt"], r["rejected"])[0])
             for r in rows]
 
+
+def label_probabilities(rows, path) -> torch.Tensor:
+    """(N,) the built-in world's labeller probability P(chosen ≻ rejected) = σ((g_w − g_l)/T) of
+    each row: the label's expectation, with the coin flip taken out (`--noise-free-labels`)."""
+    probs = []
+    for i, r in enumerate(rows):
+        try:
+            probs.append(pair_label_prob((r["prompt"], r["chosen"], r["rejected"])))
+        except ValueError:  # a prompt from outside the world: its labeller is unknown
+            raise DataError(path, f"record {i + 1}: --noise-free-labels needs the built-in "
+                                  f"world's prompts, not {r['prompt']!r}") from None
+    return torch.tensor(probs, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring, validation, checkpoints
+# ----------------------------------------------------------------------------------------------
 
 def pair_batch(pairs, tok, device):
     """B pairs -> one right-padded batch of their N ≤ 2B distinct sequences, and for each pair
@@ -262,6 +376,8 @@ def score_pairs(score, pairs, tok, device):
 
 @torch.no_grad()
 def evaluate_pairs(rm, pairs, tok, device, batch_size=256) -> dict:
+    """L_RM, accuracy and mean margin of the reward model on pairs, and the rewards themselves
+    ("r_chosen", "r_rejected", each (N,))."""
     rm.eval()
     rc, rr = [], []
     for i in range(0, len(pairs), batch_size):
@@ -273,6 +389,95 @@ def evaluate_pairs(rm, pairs, tok, device, batch_size=256) -> dict:
     loss, stats = reward_loss(rc, rr)
     return {"loss": loss.item(), "accuracy": stats["accuracy"].item(),
             "margin": stats["margin"].item(), "r_chosen": rc, "r_rejected": rr}
+
+
+def validate(rm, val_pairs, stats, lr, step, log, tok, cfg, dist) -> float:
+    """Print and log the training batch's and the validation pairs' loss and accuracy (every
+    process evaluates, rank 0 prints and writes). Returns the validation loss."""
+    means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # the whole batch's
+    val = evaluate_pairs(rm, val_pairs, tok, dist.device, cfg.batch_size)
+    print(f"step {step:5d} | loss {means['loss']:.4f} | acc {means['accuracy']:.3f} | "
+          f"val loss {val['loss']:.4f} | val acc {val['accuracy']:.3f} | lr {lr:.2e}",
+          flush=True)
+    log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
+              margin=means["margin"], lr=lr)
+    log.write(step, split="val", loss=val["loss"], accuracy=val["accuracy"])
+    return val["loss"]
+
+
+def early_stopping(cfg: RMConfig, val_loss: float, best: float, bad_evals: int,
+                   dist) -> tuple[float, int, bool]:
+    """Count the evaluations since the best validation loss; stop after `patience` of them.
+    Returns (best, bad_evals, stop), stop being rank 0's verdict so that all processes agree."""
+    if val_loss < best:
+        best, bad_evals = val_loss, 0
+    else:
+        bad_evals += 1
+    if bad_evals >= cfg.patience:
+        print(f"early stop: no better validation loss in {cfg.patience} evaluations")
+    return best, bad_evals, broadcast(bad_evals >= cfg.patience, dist)
+
+
+def save_checkpoints(cfg: RMConfig, step, rm, optimizer, tok, best, bad_evals) -> None:
+    """After an evaluation: OUT/checkpoint.pt, and OUT/best.pt as well when this evaluation set
+    the best validation loss (bad_evals == 0), the model that early stopping keeps."""
+    extra = {"best_val_loss": best, "bad_evals": bad_evals}
+    if bad_evals == 0:
+        save_run(cfg, step, rm, optimizer, tok, "scalar", extra, os.path.join(cfg.out, "best.pt"))
+    save_run(cfg, step, rm, optimizer, tok, "scalar", extra)
+
+
+def best_model_centred(cfg: RMConfig, rm, train_pairs, tok, device) -> float:
+    """Load OUT/best.pt into rm and, with --normalize, shift its rewards so that the SFT
+    policy's responses average 0. Returns the shift."""
+    rm.load_state_dict(load_checkpoint(os.path.join(cfg.out, "best.pt"))["model"])
+    rm.eval()
+    shift = 0.0
+    if cfg.normalize:
+        # Pairs were sampled from the SFT policy, so their mean reward is the SFT policy's mean.
+        # PPO then sees rewards around 0 at the start: the value model's targets start centred
+        # and the KL penalty, not an arbitrary offset, sets the scale of the per-token rewards.
+        ev = evaluate_pairs(rm, train_pairs[:2000], tok, device, cfg.batch_size)
+        shift = torch.cat([ev["r_chosen"], ev["r_rejected"]]).mean().item()
+        with torch.no_grad():
+            rm.head.bias -= shift
+    return shift
+
+
+def test_report(cfg: RMConfig, rm, test_rows, tok, device) -> dict:
+    """Test accuracy next to the Bayes limit of the labels (built-in world only) and the
+    calibration table, printed and drawn (OUT/calibration.png); returns them for eval.json."""
+    ev = evaluate_pairs(rm, encode_pairs(test_rows, tok), tok, device, cfg.batch_size)
+    rows = calibration_table(ev["r_chosen"], ev["r_rejected"])
+    result = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+              "n_test_pairs": len(test_rows), "calibration": rows}
+    triples = [(r["prompt"], r["chosen"], r["rejected"]) for r in test_rows]
+    try:
+        result["bayes_accuracy"] = bayes_accuracy(triples)
+        margins = (ev["r_chosen"] - ev["r_rejected"]).tolist()
+        result["test_expected_accuracy"] = expected_accuracy(triples, margins)
+        result["test_shortfall"] = shortfall_by_kind(triples, margins)
+    except ValueError:
+        pass  # pairs from outside the built-in world have no known Bayes limit
+    try:
+        fig = plot_calibration(rows, os.path.join(cfg.out, "calibration.png"))
+    except ImportError:  # plotting is optional
+        fig = None
+    bayes = result.get("bayes_accuracy")
+    print(f"test pairs: accuracy {ev['accuracy']:.3f}"
+          + (f" (expected over the labels' noise {result['test_expected_accuracy']:.3f})"
+             f" | Bayes limit {bayes:.3f}" if bayes is not None else "")
+          + f" | loss {ev['loss']:.4f}")
+    if "test_shortfall" in result:
+        print("points under the Bayes limit, by kind of test pair: " + ", ".join(
+            f"{kind} {v['points_lost']:.2f}" for kind, v in result["test_shortfall"].items()))
+    print("calibration:  bin       n   predicted  observed")
+    for r in rows:
+        print(f"              {r['bin']}  {r['n']:4d}   {r['predicted']:.3f}      "
+              f"{r['observed']:.3f}")
+    if fig:
+        print(f"figure: {fig}")
+    return result
 
 
 def calibration_table(r_chosen, r_rejected, n_bins: int = 10) -> list[dict]:
@@ -288,195 +493,9 @@ def calibration_table(r_chosen, r_rejected, n_bins: int = 10) -> list[dict]:
         sel = (pred >= lo) & ((pred < hi) if b < n_bins - 1 else (pred <= hi))
         if sel.any():
             rows.append({"bin": f"{lo:.1f}-{hi:.1f}", "n": int(sel.sum()),
-                         "predicted": pred[sel].mean().item(), "observed": outcome[sel].mean().item()})
+                         "predicted": pred[sel].mean().item(),
+                         "observed": outcome[sel].mean().item()})
     return rows
-
-
-def label_probabilities(rows, path) -> torch.Tensor:
-    """(N,) the built-in world's labeller probability P(chosen ≻ rejected) = σ((g_w − g_l)/T) of
-    each row: the label's expectation, with the coin flip taken out (`--noise-free-labels`)."""
-    probs = []
-    for i, r in enumerate(rows):
-        try:
-            probs.append(pair_label_prob((r["prompt"], r["chosen"], r["rejected"])))
-        except ValueError:  # a prompt from outside the world: its labeller is unknown
-            raise DataError(path, f"record {i + 1}: --noise-free-labels needs the built-in "
-                                  f"world's prompts, not {r['prompt']!r}") from None
-    return torch.tensor(probs, dtype=torch.float32)
-
-
-def read_pairs(path, tok, block_size):
-    return read_prefs(path, tok, block_size) if path and os.path.exists(path) else None
-
-
-def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
-    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
-    device = dist.device
-    result = {}
-    if cfg.make_pairs:
-        policy_cfg = copy.copy(cfg)
-        policy_cfg.policy = cfg.policy or cfg.sft
-        if dist.is_main:  # one process writes the pairs, the same as alone; the others wait
-            result["make_pairs"] = make_pairs_main(policy_cfg, device)
-        barrier(dist)
-        if cfg.pairs_only:
-            return result
-    t0 = time.time()
-    ck_path = os.path.join(cfg.out, CHECKPOINT)
-    resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
-
-    # --- the reward model: the SFT trunk + a fresh scalar head (lecture ch. 6) ---
-    sft_model, tok, _ = load_stage(cfg.sft, "gpt", device)
-    if resume_ck is not None:
-        check_compatible(resume_ck, ck_path, model_config=sft_model.config, tokenizer=tok)
-        rm = model_from_checkpoint(resume_ck, ck_path, "scalar").to(device)
-    else:
-        rm = ScalarHeadModel.from_gpt(sft_model)
-    del sft_model
-    block = rm.config.block_size
-    train_path = cfg.data or os.path.join(cfg.out, "prefs.jsonl")
-    if not os.path.exists(train_path):
-        raise DataError(train_path, "no preference data: run with --make-pairs or pass --data")
-    train_rows = read_prefs(train_path, tok, block)
-    train_pairs = encode_pairs(train_rows, tok)
-    p_chosen = label_probabilities(train_rows, train_path) if cfg.noise_free_labels else None
-    val_rows = read_pairs(cfg.val_data or os.path.join(cfg.out, "prefs_val.jsonl"), tok, block)
-    test_path = cfg.test_data or os.path.join(cfg.out, "prefs_test.jsonl")
-    test_rows = read_pairs(test_path, tok, block)
-    val_pairs = encode_pairs(val_rows, tok) if val_rows else train_pairs[:256]
-    print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters; {len(train_pairs)} training "
-          f"pairs, {len(val_pairs)} validation pairs", flush=True)
-
-    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    step, best, bad_evals = 0, float("inf"), 0
-    if resume_ck is not None:
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        set_rng_state(resume_ck["rng"])
-        step = resume_ck["step"]
-        best, bad_evals = resume_ck["extra"]["best_val_loss"], resume_ck["extra"]["bad_evals"]
-        print(f"resumed from {ck_path} at step {step}")
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None,
-                     enabled=dist.is_main)
-    best_path = os.path.join(cfg.out, "best.pt")
-
-    def save(step, path=ck_path, **extra):
-        kwargs = dict(model=rm, model_kind="scalar", config=cfg, tokenizer=tok, step=step,
-                      optimizer=optimizer, rng=rng_state(),
-                      extra={"best_val_loss": best, "bad_evals": bad_evals, **extra})
-        if path == ck_path:
-            save_stage(cfg.out, **kwargs)  # the stage's checkpoint, with its tokenizer beside it
-        else:
-            save_checkpoint(path, **kwargs)
-
-    # --- the loop: score chosen and rejected, Bradley–Terry loss, step ---
-    rm.train()
-    n = len(train_pairs)
-    # batches of whole groups (a prompt's k(k−1)/2 pairs together), so each response is scored
-    # once per batch and seen once per epoch: ~batch_size pairs from k/(k−1)·batch_size sequences
-    groups = pair_groups(train_pairs)
-    lengths = np.array([max(len(c), len(r)) for c, r in train_pairs])
-
-    @functools.lru_cache(maxsize=2)
-    def batches_of(epoch):
-        return group_batches(cfg.seed, epoch, groups, lengths, min(cfg.batch_size, n))
-
-    train_score = wrap(rm, dist, "score")  # under torchrun DDP: backward averages gradients
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="rm", disable=None if dist.is_main else True,
-               leave=False)
-    stopped_early = bad_evals >= cfg.patience  # resumed after early stopping: train no further
-    while step < cfg.max_steps and not stopped_early:
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        epoch, k = divmod(step, len(batches_of(0)))
-        idx = shard(batches_of(epoch)[k], dist)  # this process's share of the batch
-        r_chosen, r_rejected = score_pairs(train_score, [train_pairs[i] for i in idx], tok, device)
-        p = None if p_chosen is None else p_chosen[idx]  # reward_loss moves it to the device
-        # −log σ(r_w − r_l), lecture ch. 6 (averaged over the label's coin: --noise-free-labels)
-        loss, stats = reward_loss(r_chosen, r_rejected, p)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
-        check_finite(step + 1, loss=loss, grad_norm=grad_norm)  # numbered as the log numbers it
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # whole batch
-            val = evaluate_pairs(rm, val_pairs, tok, device, cfg.batch_size)
-            print(f"step {step:5d} | loss {means['loss']:.4f} | acc {means['accuracy']:.3f} | "
-                  f"val loss {val['loss']:.4f} | val acc {val['accuracy']:.3f} | lr {lr:.2e}",
-                  flush=True)
-            log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
-                      margin=means["margin"], lr=lr)
-            log.write(step, split="val", loss=val["loss"], accuracy=val["accuracy"])
-            if val["loss"] < best:
-                best, bad_evals = val["loss"], 0
-                if dist.is_main:
-                    save(step, best_path)  # early stopping keeps the best model seen
-            else:
-                bad_evals += 1
-            if dist.is_main:
-                save(step)
-            if bad_evals >= cfg.patience:
-                print(f"early stop: no better validation loss in {cfg.patience} evaluations")
-                stopped_early = True
-            stopped_early = broadcast(stopped_early, dist)  # rank 0's verdict: all stop together
-    bar.close()
-    if not dist.is_main:  # rank 0 finishes the model, evaluates and writes eval.json
-        return result
-
-    # --- the final model: the best checkpoint, rewards centred on the SFT policy ---
-    best_ck = load_checkpoint(best_path)
-    rm.load_state_dict(best_ck["model"])
-    rm.eval()
-    shift = 0.0
-    if cfg.normalize:
-        # Pairs were sampled from the SFT policy, so their mean reward is the SFT policy's mean.
-        # PPO then sees rewards around 0 at the start: the value model's targets start centred
-        # and the KL penalty, not an arbitrary offset, sets the scale of the per-token rewards.
-        ev = evaluate_pairs(rm, train_pairs[:2000], tok, device, cfg.batch_size)
-        shift = torch.cat([ev["r_chosen"], ev["r_rejected"]]).mean().item()
-        with torch.no_grad():
-            rm.head.bias -= shift
-    save(step, reward_shift=shift, finished=True)
-    seconds = time.time() - t0
-    result.update({"train_seconds": seconds, "steps": step, "stopped_early": stopped_early,
-                   "reward_shift": shift, "n_train_pairs": n})
-
-    # --- test accuracy next to the Bayes limit, and calibration ---
-    if test_rows:
-        ev = evaluate_pairs(rm, encode_pairs(test_rows, tok), tok, device, cfg.batch_size)
-        rows = calibration_table(ev["r_chosen"], ev["r_rejected"])
-        result.update({"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-                       "n_test_pairs": len(test_rows), "calibration": rows})
-        triples = [(r["prompt"], r["chosen"], r["rejected"]) for r in test_rows]
-        try:
-            result["bayes_accuracy"] = bayes_accuracy(triples)
-            margins = (ev["r_chosen"] - ev["r_rejected"]).tolist()
-            result["test_expected_accuracy"] = expected_accuracy(triples, margins)
-            result["test_shortfall"] = shortfall_by_kind(triples, margins)
-        except ValueError:
-            pass  # pairs from outside the built-in world have no known Bayes limit
-        try:
-            fig = plot_calibration(rows, os.path.join(cfg.out, "calibration.png"))
-        except ImportError:  # plotting is optional
-            fig = None
-        bayes = result.get("bayes_accuracy")
-        print(f"test pairs: accuracy {ev['accuracy']:.3f}"
-              + (f" (expected over the labels' noise {result['test_expected_accuracy']:.3f})"
-                 f" | Bayes limit {bayes:.3f}" if bayes is not None else "")
-              + f" | loss {ev['loss']:.4f}")
-        if "test_shortfall" in result:
-            print("points under the Bayes limit, by kind of test pair: " + ", ".join(
-                f"{kind} {v['points_lost']:.2f}" for kind, v in result["test_shortfall"].items()))
-        print("calibration:  bin       n   predicted  observed")
-        for r in rows:
-            print(f"              {r['bin']}  {r['n']:4d}   {r['predicted']:.3f}      {r['observed']:.3f}")
-        if fig:
-            print(f"figure: {fig}")
-    write_json(os.path.join(cfg.out, "eval.json"), result)
-    return result
 
 
 def main(argv=None):

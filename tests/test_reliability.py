@@ -41,6 +41,7 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
+import minirlhf.training
 from minirlhf.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, load_stage
 from minirlhf.data import write_jsonl
 from minirlhf.masking import token_entropy
@@ -374,14 +375,14 @@ def test_rm_resumed_after_early_stopping_does_not_train_on(tmp_path, dirs, monke
     n_saves = len([r for r in read_metrics(os.path.join(ref, "metrics.jsonl"))
                    if r["split"] == "val"])
     out = str(tmp_path / "cut")
-    real, calls = train_rm.save_stage, []
+    real, calls = minirlhf.training.save_stage, []  # save_run writes checkpoint.pt with it
 
     def save_then_die(*args, **kwargs):  # dies right after the early-stopping evaluation's save
         real(*args, **kwargs)
         calls.append(1)
         if len(calls) == n_saves:
             raise Interrupted
-    monkeypatch.setattr(train_rm, "save_stage", save_then_die)
+    monkeypatch.setattr(minirlhf.training, "save_stage", save_then_die)
     with pytest.raises(Interrupted):
         train_rm.main(flags + ["--out", out])
     monkeypatch.undo()

@@ -157,7 +157,7 @@ def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir,
                             **{**RM, "make_pairs": False, "noise_free_labels": noise_free_labels})
     reference = str(tmp_path / "rm_ref")
     train_rm.train(dataclasses.replace(cfg, out=reference))
-    interrupt_after_saves(monkeypatch, train_rm, "save_stage", 1)
+    interrupt_after_saves(monkeypatch, training, "save_stage", 1)  # via save_run
     with pytest.raises(Interrupted):
         train_rm.train(cfg)
     monkeypatch.undo()
