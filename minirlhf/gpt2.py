@@ -79,6 +79,52 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """The inverse of `read_safetensors`: an 8-byte header length, the JSON header, the bytes.
+    Written to a temporary file and renamed, like every file the project writes."""
+    dtype_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": dtype_name[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to a multiple of 8 bytes
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for data in chunks:
+            f.write(data)
+    os.replace(tmp, path)
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The inverse of `load_gpt2`'s copy: our weights under Hugging Face GPT-2's names, with the
+    Conv1D weights transposed back to (in, out) and the embedding's padding rows dropped."""
+    cfg = model.config
+    out = {}
+    for name, w in model.transformer.state_dict().items():
+        if name.endswith(CONV1D):
+            w = w.t()                                          # nn.Linear (out, in) -> Conv1D
+        if name == "wte.weight":
+            w = w[:cfg.vocab_size]                             # our padding rows are not GPT-2's
+        out["transformer." + name] = w.detach().float().contiguous().clone()
+    return out
+
+
+def hf_config(cfg: GPTConfig, bos_id: int, eos_id: int) -> dict:
+    """config.json of a Hugging Face GPT-2 with our model's sizes (dropout off, as ours)."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "initializer_range": 0.02, "bos_token_id": bos_id, "eos_token_id": eos_id,
+            "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
 def read_hf_weights(folder: str) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, path) from DIR/model.safetensors, else DIR/pytorch_model.bin."""
     st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
@@ -173,9 +219,19 @@ def load_gpt2(folder: str, device="cpu") -> GPT:
     return model.to(device)
 
 
+def exported_world_tokenizer(folder: str) -> bool:
+    """Whether DIR's tokenizer_config.json names the world tokenizer's special tokens."""
+    from .tokenizer import SPECIAL_TOKENS
+    try:
+        config = json.load(open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("additional_special_tokens") == SPECIAL_TOKENS
+
+
 def gpt2_tokenizer(folder: str):
     """DIR/*.tiktoken, else DIR/vocab.json, else tiktoken's GPT-2 encoding by name."""
-    from .tokenizer import Tokenizer, TokenizerError
+    from .tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, load_hf_vocab
     rank_files = sorted(glob.glob(os.path.join(folder, "*.tiktoken")))
     vocab = os.path.join(folder, "vocab.json")
     if len(rank_files) > 1:
@@ -183,6 +239,8 @@ def gpt2_tokenizer(folder: str):
     try:
         if rank_files:
             return Tokenizer.gpt2(rank_files[0])
+        if exported_world_tokenizer(folder):  # written by minirlhf.export from a world stage
+            return Tokenizer.from_ranks(load_hf_vocab(vocab, SPECIAL_TOKENS), source=vocab)
         return Tokenizer.gpt2(vocab if os.path.isfile(vocab) else None)
     except TokenizerError as e:
         raise CheckpointError(f"gpt2:{folder}: {e}") from None

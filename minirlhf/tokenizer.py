@@ -148,9 +148,10 @@ def gpt2_byte_decoder() -> dict[str, int]:
     return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
-def load_hf_vocab(path: str) -> dict[bytes, int]:
+def load_hf_vocab(path: str, specials=("<|endoftext|>",)) -> dict[bytes, int]:
     """Mergeable ranks from a Hugging Face GPT-2 `vocab.json` (OpenAI's encoder.json): its ids
-    are the BPE ranks, so no merges file is needed. <|endoftext|> is the special token."""
+    are the BPE ranks, so no merges file is needed. `specials` are left out (GPT-2 has one,
+    <|endoftext|>; a world tokenizer exported by `minirlhf.export` has SPECIAL_TOKENS)."""
     try:
         vocab = json.load(open(path, encoding="utf-8"))
     except FileNotFoundError:
@@ -160,10 +161,40 @@ def load_hf_vocab(path: str) -> dict[bytes, int]:
     byte_of = gpt2_byte_decoder()
     try:
         return {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items()
-                if tok != "<|endoftext|>"}
+                if tok not in specials}
     except (KeyError, TypeError, ValueError, AttributeError):
         raise TokenizerError(f"{path}: not a GPT-2 vocab.json (token -> id in GPT-2's byte "
                              f"spelling)") from None
+
+
+def gpt2_byte_encoder() -> dict[int, str]:
+    """The inverse of `gpt2_byte_decoder`: byte -> the character vocab.json spells it with."""
+    return {b: c for c, b in gpt2_byte_decoder().items()}
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list of a byte-level BPE, in rank order, from its table of ranks alone.
+
+    A token of rank r was made by merging two tokens of lower rank. Which two: encode its bytes
+    with the merges of rank < r only (the textbook loop: merge the lowest-ranked adjacent pair
+    until none is left); exactly two parts remain. This is what Hugging Face's merges.txt lists.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise TokenizerError(f"token {token!r} (rank {rank}) is not a merge of two tokens "
+                                 f"of lower rank: not a byte-level BPE table")
+        merges.append((parts[0], parts[1]))
+    return merges
 
 
 class Tokenizer:
@@ -213,9 +244,46 @@ class Tokenizer:
             enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # no network and no cached copy
             raise TokenizerError(
-                "the GPT-2 encoding is not available offline: pass --tokenizer "
-                f"path/to/gpt2.tiktoken (a tiktoken rank file) [{type(e).__name__}]") from None
+                "the GPT-2 encoding is not available offline: put GPT-2's vocab.json (part of "
+                "the Hugging Face download) or a *.tiktoken rank file in the gpt2:DIR folder "
+                f"[{type(e).__name__}]") from None
         return cls(enc, "gpt2", "gpt2")
+
+    def hf_files(self) -> dict[str, str]:
+        """The tokenizer as the files Hugging Face's GPT-2 tokenizers read: vocab.json and
+        merges.txt (byte-level BPE in GPT-2's byte spelling, ids = our ranks), with the special
+        tokens and the chat template (a Jinja template that renders `render_prompt`'s layout)
+        in tokenizer_config.json and special_tokens_map.json. {file name: text}."""
+        spell = gpt2_byte_encoder()
+        word = lambda b: "".join(spell[x] for x in b)  # noqa: E731
+        ranks = self.enc._mergeable_ranks
+        vocab = {word(t): r for t, r in ranks.items()}
+        vocab.update(self.enc._special_tokens)
+        merges = "#version: 0.2\n" + "".join(f"{word(a)} {word(b)}\n"
+                                              for a, b in bpe_merges(ranks))
+        specials = sorted(self.enc._special_tokens, key=self.enc._special_tokens.get)
+        end = self.enc.decode([self.end_id])
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                  "model_max_length": 1024, "bos_token": self.enc.decode([self.bos_id]),
+                  "eos_token": end, "pad_token": self.enc.decode([self.pad_id]),
+                  "unk_token": end, "additional_special_tokens": specials,
+                  "chat_template": self.chat_template()}
+        tokens_map = {k: config[k] for k in ("bos_token", "eos_token", "pad_token",
+                                             "unk_token", "additional_special_tokens")}
+        return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": merges,
+                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+                "special_tokens_map.json": json.dumps(tokens_map, indent=2)}
+
+    def chat_template(self) -> str:
+        """A Jinja chat template that renders a single-turn chat as `render` does."""
+        if self.kind == "world":
+            user, end = "<|bos|><|user|>{{ m['content'] }}<|assistant|>", "<|end|>"
+            answer = "{{ m['content'] }}"
+        else:
+            user, end = f"{HUMAN} {{{{ m['content'] }}}}{ASSISTANT}", "<|endoftext|>"
+            answer = " {{ m['content'] }}"
+        return ("{% for m in messages %}{% if m['role'] == 'user' %}" + user +
+                "{% else %}" + answer + end + "{% endif %}{% endfor %}")
 
     def save(self, path: str) -> None:
         """The token table as a rank file (GPT-2's too: Tokenizer.gpt2(path) reads it back)."""
