@@ -1,7 +1,7 @@
 """Direct Preference Optimization (DPO): learn from preference pairs with no reward model and no
 sampling during training (lecture ch. 8; CS224N notes, "Removing the RL from RLHF").
 
-    python train_dpo.py --sft out/sft --data out/rm/prefs.jsonl    # ~1.5 min on 2 CPU cores
+    python train_dpo.py --sft out/sft --data out/rm/prefs.jsonl    # the pipeline's pairs
     python train_dpo.py --rpo-alpha 0 --beta 1                      # plain DPO
     python train_dpo.py --loss-type ipo                             # IPO's squared loss
     python train_dpo.py --label-smoothing 0.1                       # conservative DPO
@@ -15,11 +15,9 @@ over the chosen and rejected responses, batched together. Batches hold whole gro
 prompt's k responses make k(k−1)/2 pairs) and run each distinct response once, as train_rm.py does.
 
 By default the loss also carries the chosen responses' language-model loss, α·NLL(y_w) (RPO,
-Pang et al. 2024; `--rpo-alpha 0` is plain DPO). Measured on the built-in world (same SFT model
-and 48000 pairs, 600 steps; gap = share of the SFT → optimum gold gap closed): plain DPO is best
-at β = 1 (34%); at β = 0.5 it pushes the rejected answers down so hard that the mass goes to
-garbled text (gold below SFT's, KL 4.7 nats). With α = 2 the chosen answers hold their
-probability and a smaller β can act: β = 0.3 closes 41% at learning rate 2e-4 and 44% at 4e-4.
+Pang et al. 2024; `--rpo-alpha 0` is plain DPO): the chosen answers then hold their probability
+while the rejected ones are pushed down, so a smaller β can act without the probability mass
+going to garbled text (plain DPO against RPO: docs/results.md, "DPO").
 
 Writes OUT/checkpoint.pt, OUT/metrics.jsonl and OUT/eval.json (implicit-reward accuracy on test
 pairs; gold score, accuracy and KL to the SFT model on the test prompts).
@@ -29,29 +27,26 @@ or iterative DPO, length normalisation.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
-                                 load_stage, rng_state, save_stage, set_rng_state)
+from minirlhf.checkpoint import CheckpointError, load_stage
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_prefs
 from minirlhf.device import autocast, maybe_compile
-from minirlhf.distributed import all_reduce_sum, mean_over_ranks, shard, wrap
+from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
+from minirlhf.evaluate import final_evaluation
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, distinct_rows, fail,
-                               group_batches, lr_at, make_optimizer, pad_batch, pair_groups, set_lr,
-                               start_run, write_json)
-from minirlhf.evaluate import final_evaluation
+from minirlhf.training import (MetricsLog, NonFiniteError, checkpoint_to_resume, distinct_rows, due,
+                               fail, lr_at, make_optimizer, optimizer_step, pad_batch,
+                               pair_batches_from, pair_groups, progress_bar, resume_state,
+                               save_run, set_lr, start_run, write_json)
 from minirlhf.world import World
 
 
@@ -77,7 +72,12 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
     label_smoothing: ε of "conservative DPO": a label is assumed flipped with probability ε,
         loss = −(1−ε)·log σ(β·m) − ε·log σ(−β·m)   (sigmoid loss only)
     loss_type: "sigmoid" (DPO) or "ipo" (Azar et al. 2023): (m − 1/(2β))², which pulls the
-        margin to a finite value instead of pushing it to infinity on separable data
+        margin to a finite value instead of pushing it to infinity on separable data. Its
+        log-ratios are sums over the response's tokens, as DPO's are: the IPO paper's h is built
+        from sequence log-likelihoods log π(y|x), a sum over tokens, and summing keeps IPO and
+        DPO on one log-ratio scale, so --beta means the same for both loss types. TRL averages
+        IPO's log-ratios over the completion's tokens instead, which makes its β independent
+        of length: a β is not comparable between the two.
     rpo_alpha: α of RPO (Pang et al. 2024): adds α·NLL(y_w), the chosen responses' negative
         log-likelihood as a token mean over the batch (train_sft.py's loss on the chosen
         responses), so that pushing y_l down cannot drag y_w down with it
@@ -157,11 +157,13 @@ class DPOConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
     compile: bool = False             # torch.compile the policy (CUDA only)
-    # objective
-    beta: float = 0.3                 # β: strength of the KL anchor implied by the loss (values compared in README, Results)
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO, ipo = squared loss toward 1/(2β)
+    # objective: β = 0.3 with α = 2 at lr 4e-4 closes 44% of the gap; docs/results.md, "DPO"
+    beta: float = 0.3                 # β: strength of the KL anchor implied by the loss
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO, ipo = squared loss
+                                                      # toward 1/(2β)
     label_smoothing: float = 0.0      # ε of conservative DPO (labels flipped with prob. ε)
-    rpo_alpha: float = 2.0            # α: weight of the chosen responses' per-token NLL (RPO); 0 = plain DPO
+    rpo_alpha: float = 2.0            # α: weight of the chosen responses' per-token NLL (RPO);
+                                      # 0 = plain DPO
     # optimisation
     max_steps: int = 600              # optimizer steps (~0.8 epoch of 48000 pairs)
     batch_size: int = 64              # pairs per step
@@ -188,6 +190,92 @@ class DPOConfig:
             raise ValueError("--label-smoothing applies to the sigmoid loss, not to ipo")
 
 
+def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
+    """π_θ and the frozen π_ref (both start as the SFT model), the pairs and π_ref's log-probs of
+    them, computed once; then per step: a batch of pairs, one policy forward, L_DPO, backward, an
+    optimizer step, and on schedule validation and a checkpoint; then the final evaluation."""
+    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
+    device = dist.device
+    ck = checkpoint_to_resume(cfg)  # OUT/checkpoint.pt with --resume, else None
+
+    # --- the policy, the frozen reference and its log-probs of every pair (lecture ch. 8) ---
+    policy, tok, _ = load_stage(cfg.sft, "gpt", device)   # π_θ, starts at the SFT model
+    ref, _, _ = load_stage(cfg.sft, "gpt", device)        # π_ref, frozen
+    ref.eval().requires_grad_(False)
+    train_pairs, val_pairs, test_pairs = load_pairs(cfg, tok, policy.config.block_size)
+    t_ref = time.time()
+    ref_train = precompute_reference(ref, train_pairs, tok, device, cfg.batch_size)  # (N, 2)
+    ref_val = precompute_reference(ref, val_pairs, tok, device, cfg.batch_size)
+    print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs; reference "
+          f"log-probs precomputed in {time.time() - t_ref:.1f}s", flush=True)
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    start = resume_state(cfg, ck, optimizer, policy, tok)  # the checkpoint's step; None: fresh
+    fwd = maybe_compile(policy, device, cfg.compile)
+    train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    step = start or 0
+    batches = pair_batches_from(step, train_pairs, cfg.seed, cfg.batch_size, dist)
+
+    # --- the loop: one policy forward on chosen + rejected, the DPO loss, step ---
+    policy.train()
+    t0 = time.time()
+    bar = progress_bar(cfg.max_steps, step, "dpo", dist)
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        idx = next(batches)  # this process's share of the batch's pairs
+        pairs = [train_pairs[i] for i in idx]
+        chosen_logp, rejected_logp = response_logprobs(train_fwd, pairs, tok, device)  # log π_θ
+        ref_chosen, ref_rejected = ref_train[idx].to(device).unbind(1)                 # log π_ref
+        chosen_tokens, nll_norm = chosen_lengths(pairs, device, dist)  # RPO's NLL is a token mean
+        loss, stats = dpo_loss(chosen_logp, rejected_logp, ref_chosen, ref_rejected, cfg.beta,
+                               cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha, chosen_tokens,
+                               nll_norm)
+        loss.backward()
+        optimizer_step(optimizer, policy, cfg.grad_clip, step + 1, loss)
+        step += 1
+        bar.update(1)
+        if due(step, cfg.eval_every, cfg.max_steps):  # every process; rank 0 prints and writes
+            validate(policy, val_pairs, ref_val, stats, lr, step, log, tok, cfg, dist)
+        if dist.is_main and due(step, cfg.ckpt_every, cfg.max_steps):
+            save_run(cfg, step, policy, optimizer, tok)
+    bar.close()
+    result = {"train_seconds": time.time() - t0, "steps": step}
+    if not dist.is_main:  # rank 0 evaluates and writes eval.json
+        return result
+
+    # --- evaluation: implicit-reward accuracy on test pairs; gold score and KL to SFT ---
+    result.update(test_evaluation(cfg, policy, ref, test_pairs, tok, device))
+    write_json(os.path.join(cfg.out, "eval.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases of train(), in the order it calls them
+# ----------------------------------------------------------------------------------------------
+
+def load_pairs(cfg: DPOConfig, tok, block_size: int):
+    """(train, val, test) lists of pairs (chosen ids, rejected ids, n_prompt). Validation and test
+    pairs default to prefs_val.jsonl and prefs_test.jsonl beside --data; without validation
+    pairs the first 256 training pairs stand in, without test pairs test is None."""
+    if not os.path.exists(cfg.data):
+        raise DataError(cfg.data, "preference file not found (make it with train_rm.py "
+                                  "--make-pairs)")
+    train_pairs = encode_pairs(read_prefs(cfg.data, tok, block_size), tok)
+    val_path = cfg.val_data or sibling(cfg.data, "prefs_val.jsonl")
+    test_path = cfg.test_data or sibling(cfg.data, "prefs_test.jsonl")
+    val_pairs, test_pairs = train_pairs[:256], None
+    if os.path.exists(val_path):
+        val_pairs = encode_pairs(read_prefs(val_path, tok, block_size), tok)
+    if os.path.exists(test_path):
+        test_pairs = encode_pairs(read_prefs(test_path, tok, block_size), tok)
+    return train_pairs, val_pairs, test_pairs
+
+
+def sibling(path: str, name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), name)
+
+
 def encode_pairs(rows, tok):
     """Each pair -> (chosen ids, rejected ids, n_prompt)."""
     out = []
@@ -208,7 +296,7 @@ def response_logprobs(model, pairs, tok, device):
     with autocast(device):
         logits = model(tokens, attn_mask)[:, :-1]                                    # (N, T-1, V)
     logp = token_logprobs(logits.float(), tokens[:, 1:])                              # (N, T-1)
-    summed = masked_sum(logp, loss_mask[:, 1:], dim=-1)                               # (N,) log π(y|x)
+    summed = masked_sum(logp, loss_mask[:, 1:], dim=-1)                     # (N,) log π(y|x)
     rows = torch.tensor(rows, device=summed.device)
     return summed[rows[:len(pairs)]], summed[rows[len(pairs):]]
 
@@ -230,6 +318,14 @@ def precompute_reference(ref, pairs, tok, device, batch_size=256) -> torch.Tenso
     return result
 
 
+def chosen_lengths(pairs, device, dist) -> tuple[torch.Tensor, float]:
+    """|y_w| of each pair's chosen response, end token included, (B,); and what RPO's NLL sum is
+    divided by: the whole batch's count over the number of processes (`dpo_loss`'s nll_norm)."""
+    lengths_w = [len(c) - n_prompt for c, _, n_prompt in pairs]
+    nll_norm = all_reduce_sum(sum(lengths_w), dist) / dist.world_size  # the whole batch's mean
+    return torch.tensor(lengths_w, device=device), nll_norm
+
+
 @torch.no_grad()
 def evaluate_pairs(policy, pairs, ref_logp, tok, cfg, device, batch_size=256) -> dict:
     """Implicit-reward accuracy and loss of the policy on held-out pairs."""
@@ -248,116 +344,34 @@ def evaluate_pairs(policy, pairs, ref_logp, tok, cfg, device, batch_size=256) ->
     return {"loss": losses / n, "accuracy": accs / n, "margin": margins / n}
 
 
-def sibling(path: str, name: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), name)
+def validate(policy, val_pairs, ref_val, stats, lr, step, log, tok, cfg, dist) -> None:
+    """Print and log the training batch's implicit rewards and the validation pairs' accuracy
+    and loss (every process evaluates, rank 0 prints and writes)."""
+    means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # the whole batch's
+    val = evaluate_pairs(policy, val_pairs, ref_val, tok, cfg, dist.device, cfg.batch_size)
+    print(f"step {step:5d} | loss {means['loss']:.4f} | implicit acc "
+          f"{means['accuracy']:.3f} | margin {means['margin']:+.3f} | "
+          f"chosen {means['chosen_reward']:+.3f} | rejected "
+          f"{means['rejected_reward']:+.3f} | val acc {val['accuracy']:.3f} | "
+          f"val loss {val['loss']:.4f} | lr {lr:.2e}", flush=True)
+    log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
+              margin=means["margin"], chosen_reward=means["chosen_reward"],
+              rejected_reward=means["rejected_reward"], lr=lr)
+    log.write(step, split="val", **val)
 
 
-def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
-    dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
-    device = dist.device
-    world = World(cfg.seed)
-    ck_path = os.path.join(cfg.out, CHECKPOINT)
-    resume_ck = load_checkpoint(ck_path) if cfg.resume and os.path.exists(ck_path) else None
-
-    policy, tok, _ = load_stage(cfg.sft, "gpt", device)   # π_θ, starts at the SFT model
-    ref, _, _ = load_stage(cfg.sft, "gpt", device)        # π_ref, frozen
-    ref.eval().requires_grad_(False)
-    block = policy.config.block_size
-    if not os.path.exists(cfg.data):
-        raise DataError(cfg.data, "preference file not found (make it with train_rm.py --make-pairs)")
-    train_pairs = encode_pairs(read_prefs(cfg.data, tok, block), tok)
-    val_path = cfg.val_data or sibling(cfg.data, "prefs_val.jsonl")
-    test_path = cfg.test_data or sibling(cfg.data, "prefs_test.jsonl")
-    val_pairs = encode_pairs(read_prefs(val_path, tok, block), tok) if os.path.exists(val_path) else train_pairs[:256]
-    test_pairs = encode_pairs(read_prefs(test_path, tok, block), tok) if os.path.exists(test_path) else None
-
-    t_ref = time.time()
-    ref_train = precompute_reference(ref, train_pairs, tok, device, cfg.batch_size)                # (N, 2)
-    ref_val = precompute_reference(ref, val_pairs, tok, device, cfg.batch_size)
-    print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs; reference "
-          f"log-probs precomputed in {time.time() - t_ref:.1f}s", flush=True)
-
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    step = 0
-    if resume_ck is not None:
-        check_compatible(resume_ck, ck_path, model_config=policy.config, tokenizer=tok)
-        policy.load_state_dict(resume_ck["model"])
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        set_rng_state(resume_ck["rng"])
-        step = resume_ck["step"]
-        print(f"resumed from {ck_path} at step {step}")
-    fwd = maybe_compile(policy, device, cfg.compile)
-    train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), step if resume_ck else None,
-                     enabled=dist.is_main)
-
-    # --- the loop: one policy forward on chosen + rejected, the DPO loss, step ---
-    policy.train()
-    n = len(train_pairs)
-    # batches of whole groups (a prompt's k(k−1)/2 pairs together): each response is run once
-    # per batch and seen once per epoch, ~batch_size pairs from k/(k−1)·batch_size sequences
-    groups = pair_groups(train_pairs)
-    lengths = np.array([max(len(c), len(r)) for c, r, _ in train_pairs])
-
-    @functools.lru_cache(maxsize=2)
-    def batches_of(epoch):
-        return group_batches(cfg.seed, epoch, groups, lengths, min(cfg.batch_size, n))
-
-    t0 = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="dpo", disable=None if dist.is_main else True,
-               leave=False)
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        epoch, k = divmod(step, len(batches_of(0)))
-        idx = shard(batches_of(epoch)[k].tolist(), dist)  # this process's share of the batch
-        chosen_logp, rejected_logp = response_logprobs(train_fwd, [train_pairs[i] for i in idx], tok,
-                                                       device)
-        ref_chosen, ref_rejected = ref_train[idx].to(device).unbind(1)
-        lengths_w = [len(train_pairs[i][0]) - train_pairs[i][2] for i in idx]  # |y_w|, end included
-        chosen_tokens = torch.tensor(lengths_w, device=device)                      # (B,)
-        nll_norm = all_reduce_sum(sum(lengths_w), dist) / dist.world_size  # the whole batch's mean
-        loss, stats = dpo_loss(chosen_logp, rejected_logp, ref_chosen, ref_rejected, cfg.beta,
-                               cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha, chosen_tokens,
-                               nll_norm)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        check_finite(step + 1, loss=loss, grad_norm=grad_norm)  # numbered as the log numbers it
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        # every process evaluates (they would otherwise wait for rank 0); rank 0 prints and writes
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # whole batch
-            val = evaluate_pairs(policy, val_pairs, ref_val, tok, cfg, device, cfg.batch_size)
-            print(f"step {step:5d} | loss {means['loss']:.4f} | implicit acc "
-                  f"{means['accuracy']:.3f} | margin {means['margin']:+.3f} | "
-                  f"chosen {means['chosen_reward']:+.3f} | rejected "
-                  f"{means['rejected_reward']:+.3f} | val acc {val['accuracy']:.3f} | "
-                  f"val loss {val['loss']:.4f} | lr {lr:.2e}", flush=True)
-            log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
-                      margin=means["margin"], chosen_reward=means["chosen_reward"],
-                      rejected_reward=means["rejected_reward"], lr=lr)
-            log.write(step, split="val", **val)
-        if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
-            save_stage(cfg.out, model=policy, model_kind="gpt", config=cfg, tokenizer=tok,
-                       step=step, optimizer=optimizer, rng=rng_state())
-    bar.close()
-    result = {"train_seconds": time.time() - t0, "steps": step}
-    if not dist.is_main:  # rank 0 evaluates and writes eval.json
-        return result
-
-    # --- evaluation: implicit-reward accuracy on test pairs; gold score and KL to SFT ---
+def test_evaluation(cfg: DPOConfig, policy, ref, test_pairs, tok, device) -> dict:
+    """Implicit-reward accuracy on the test pairs; on the built-in world also the gold score,
+    accuracy and KL to the SFT model of the policy's answers to the test prompts."""
+    result = {}
     if test_pairs:
         ref_test = precompute_reference(ref, test_pairs, tok, device, cfg.batch_size)
         result["test_pairs"] = evaluate_pairs(policy, test_pairs, ref_test, tok, cfg, device,
-                                             cfg.batch_size)
+                                              cfg.batch_size)
         print(f"test pairs: implicit-reward accuracy {result['test_pairs']['accuracy']:.3f}")
     if tok.kind == "world":  # the gold judge knows the built-in world only (not HH, TL;DR)
-        result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
+        result.update(final_evaluation(policy, tok, World(cfg.seed).test_prompts, ref=ref,
                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
-    write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 
 

@@ -233,7 +233,7 @@ def test_dpo_trains_and_resumes(tmp_path, monkeypatch, sft_dir, rm_dir):
     rows = [r for r in read_metrics(str(tmp_path / "a" / "metrics.jsonl")) if r["split"] == "train"]
     assert rows[-1]["margin"] > 0  # the policy moved toward the chosen responses
     cut = dataclasses.replace(cfg, out=str(tmp_path / "b"))
-    interrupt_after_saves(monkeypatch, train_dpo, "save_stage", 1)
+    interrupt_after_saves(monkeypatch, training, "save_stage", 1)  # via save_run
     with pytest.raises(Interrupted):
         train_dpo.train(cut)
     monkeypatch.undo()
