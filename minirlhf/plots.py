@@ -30,6 +30,8 @@ def _rows(path, split):
 
 
 def plot_losses(run: str, path: str) -> str:
+    """Training and validation loss of SFT, the reward model and DPO, like with like: for DPO
+    the DPO term alone ("dpo_loss") where the log has it, since RPO's NLL is a training term."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, stage, title in zip(axes, ("sft", "rm", "dpo"),
@@ -38,13 +40,14 @@ def plot_losses(run: str, path: str) -> str:
         metrics = os.path.join(run, stage, "metrics.jsonl")
         for split, style in (("train", "-"), ("val", "o--")):
             rows = _rows(metrics, split)
+            key = "dpo_loss" if rows and "dpo_loss" in rows[0] else "loss"
             if rows:
-                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, label=split,
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=split,
                         markersize=3)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("loss")
+        ax.set(xlabel="step", ylabel="loss (nats)")
+        if ax.has_data():
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -64,11 +67,14 @@ def plot_hacking(run: str, path: str) -> str:
         its = [r["step"] for r in rows]
         for ax, key in zip(axes, ("proxy", "gold", "kl")):
             ax.plot(its, [r[key] for r in rows], color=color, label=label, lw=1.2)
-    for ax, title in zip(axes, ("proxy reward r_φ (what PPO maximises)",
-                                "gold score (what we wanted)", "KL(π_θ ‖ π_ref), nats")):
+    for ax, title, ylabel in zip(axes, ("proxy reward r_φ (what PPO maximises)",
+                                        "gold score (what we wanted)", "KL(π_θ ‖ π_ref)"),
+                                 ("reward-model score, rollout mean", "gold score, rollout mean",
+                                  "KL per response (nats)")):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO iteration")
-        ax.legend(fontsize=8)
+        ax.set(xlabel="PPO iteration", ylabel=ylabel)
+        if ax.has_data():
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -81,21 +87,21 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
     curve: {"beta", "kl", "gold"} of the closed-form optimum π_SFT·exp(r/β)/Z, drawn as a line,
     and its "reward_model" points (the same optimum with the trained reward model) as a second."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if curve:
         curve = sorted(curve, key=lambda c: c["kl"])
         ax.plot([c["kl"] for c in curve], [c["gold"] for c in curve], "-", color="tab:purple",
                 lw=1, alpha=0.7, label="π* at each β (perfect reward)")
-        for c in curve:
-            ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6, color="tab:purple",
-                        xytext=(2, -8), textcoords="offset points")
+        for c in spaced(curve):
+            ax.annotate(f"β={c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
+                        color="tab:purple", xytext=(2, -8), textcoords="offset points")
         rm_curve = sorted((dict(c["reward_model"], beta=c["beta"]) for c in curve
                            if "reward_model" in c), key=lambda c: c["kl"])
         if rm_curve:
             ax.plot([c["kl"] for c in rm_curve], [c["gold"] for c in rm_curve], "--",
                     color="tab:orange", lw=1, alpha=0.8, label="π* at each β (trained RM)")
-            for c in rm_curve:
-                ax.annotate(f"{c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
+            for c in spaced(rm_curve):
+                ax.annotate(f"β={c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
                             color="tab:orange", xytext=(2, 3), textcoords="offset points")
     styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
               "DPO": ("tab:green", "^")}
@@ -113,19 +119,40 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
     ax.set_xlabel("KL to the SFT model (nats per response)")
     ax.set_ylabel("gold score (test prompts, T = 1)")
     ax.set_title("Gold score vs KL", fontsize=10)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside the data
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def spaced(points: list[dict], min_gap: float = 0.04) -> list[dict]:
+    """The points, sorted by KL, whose labels do not crowd the one before: each kept point lies
+    at least `min_gap` of the KL range and of the gold range away from the last kept one."""
+    if not points:
+        return []
+    kl_span = max(p["kl"] for p in points) - min(p["kl"] for p in points) or 1.0
+    gold_span = max(p["gold"] for p in points) - min(p["gold"] for p in points) or 1.0
+    kept = []
+    for p in sorted(points, key=lambda p: p["kl"]):
+        if not kept or (abs(p["kl"] - kept[-1]["kl"]) / kl_span > min_gap
+                        or abs(p["gold"] - kept[-1]["gold"]) / gold_span > min_gap):
+            kept.append(p)
+    return kept
+
+
 def plot_calibration(rows: list[dict], path: str) -> str:
+    """Predicted against observed preference rate per bin, each bin labelled with its count."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-",
             label="reward model")
+    for r in rows:
+        if "n" in r:
+            ax.annotate(f"n={r['n']}", (r["predicted"], r["observed"]), fontsize=6,
+                        xytext=(4, -9), textcoords="offset points")
+    ax.set(xlim=(0, 1), ylim=(0, 1))
     ax.set_xlabel("predicted P(a ≻ b) = σ(r_a − r_b)")
     ax.set_ylabel("observed rate a was chosen")
     ax.set_title("Reward model calibration (test pairs)", fontsize=10)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
+from .config import OneLineParser
 from .plots import plot_calibration, plot_frontier, plot_hacking, plot_losses
 
 
@@ -37,9 +37,26 @@ def draw_all(run: str, summary: dict, frontier_points: list[dict],
     return paths
 
 
-if __name__ == "__main__":
-    run = sys.argv[1] if len(sys.argv) > 1 else "out/pipeline"
-    summary = json.load(open(os.path.join(run, "summary.json")))
-    for p in draw_all(run, summary, summary.get("frontier", []),
-                      summary.get("kl_optimum", {}).get("points")):
+def main(argv=None) -> list[str]:
+    ap = OneLineParser(prog="python -m minirlhf.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", nargs="?", default="out/pipeline",
+                    help="a finished pipeline run: the folder holding summary.json")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.run, "summary.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        paths = draw_all(args.run, summary, summary.get("frontier", []),
+                         summary.get("kl_optimum", {}).get("points"))
+    except FileNotFoundError:
+        ap.error(f"{path}: not found (run python -m minirlhf.pipeline --out {args.run} first)")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        ap.error(f"{path}: not a pipeline summary this report can draw "
+                 f"({type(e).__name__}: {str(e)[:80]})")
+    for p in paths:
         print(p)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
