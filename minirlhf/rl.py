@@ -115,13 +115,13 @@ def group_baseline_advantages(R: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - others_mean).reshape(-1)  # (N,)
 
 
-# ----------------------------------------------------------------------------- the KL-penalised reward
+# ------------------------------------------------------------------- the KL-penalised reward
 # RLHF maximises J = E[r_φ(x, y)] − β·KL(π_θ‖π_ref) (lecture ch. 5). The reward model scores a
 # whole response; the KL is a sum over its tokens. Two ways to hand this to the advantage
 # estimator follow: per token (for GAE), or as one reward per response (γ = 0, ch. 7).
 
 def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token KL sample log π_θ(y_t) − log π_ref(y_t) (k1, below) on response tokens, 0 elsewhere.
+    """Per-token KL sample log π_θ(y_t) − log π_ref(y_t) (k1, below) on response tokens, else 0.
 
     logp, ref_logp, mask: (B, T) -> (B, T). Its row sum is the response's KL estimate KL(y).
     """

@@ -305,7 +305,7 @@ def test_terminal_reward_gives_the_lectures_advantage():
     torch.testing.assert_close(ret, torch.tensor([[0.0, 2.0, 2.0, 2.0]]))
 
 
-# =============================================================================== the KL-penalised reward
+# ======================================================================= the KL-penalised reward
 
 def scored_rollout(seed, B=5, T=8):
     """A rollout's worth of tensors: scores (B,), log π_θ and log π_ref (B, T), and a response
