@@ -29,8 +29,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_stage,
-                                 load_tokenizer_for, model_from_checkpoint)
+from minirlhf.checkpoint import (CHECKPOINT, TOKENIZER, CheckpointError, check_compatible,
+                                 load_stage, load_tokenizer_for, model_from_checkpoint)
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
@@ -38,7 +38,7 @@ from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
 from minirlhf.evaluate import evaluate, final_evaluation
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.tokenizer import TokenizerError
+from minirlhf.tokenizer import Tokenizer, TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, batches_from, checkpoint_to_resume, due,
                                epoch_batches, fail, lr_at, make_optimizer, optimizer_step,
                                pad_batch, progress_bar, resume_state, save_run, set_lr, start_run,
@@ -103,6 +103,8 @@ class SFTConfig:
     n_embd: int = 128                 # channels of the residual stream
     block_size: int = 96              # longest prompt + response, in tokens
     vocab_size: int = 512             # BPE tokens of the world tokenizer (specials on top)
+    tokenizer: str | None = None      # a tokenizer folder (or .tiktoken file) from python -m
+                                      # minirlhf.tokenizer train; none = the world's
     # data
     n_examples: int = 20000           # demonstrations drawn from the world's writers
     truncate: bool = False            # skip over-long examples instead of stopping with an error
@@ -135,6 +137,8 @@ class SFTConfig:
             raise ValueError("--vocab-size must be at least 256 (the byte tokens)")
         if self.n_embd % self.n_head:
             raise ValueError("--n-embd must be divisible by --n-head")
+        if self.tokenizer and self.init:
+            raise ValueError("--tokenizer and --init both choose the tokenizer: give one")
 
 
 def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
@@ -214,10 +218,15 @@ def load_model(cfg: SFTConfig, ck: dict | None, device) -> tuple[GPT, object]:
     if cfg.init:
         model, tok, _ = load_stage(cfg.init, "gpt", device)
         return model, tok
-    tok = world_tokenizer(cfg.vocab_size)
+    tok = own_tokenizer(cfg.tokenizer) if cfg.tokenizer else world_tokenizer(cfg.vocab_size)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     return model.to(device), tok
+
+
+def own_tokenizer(path: str) -> Tokenizer:
+    """--tokenizer: a folder holding tokenizer.tiktoken, or the rank file itself."""
+    return Tokenizer.load(os.path.join(path, TOKENIZER) if os.path.isdir(path) else path)
 
 
 def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:

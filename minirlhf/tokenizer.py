@@ -328,3 +328,77 @@ class Tokenizer:
         p = self.render_prompt(prompt)
         text = response if self.kind == "world" or response[:1].isspace() else " " + response
         return p + self.encode(text) + ([self.end_id] if end else []), len(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: train a tokenizer on your own text
+# ----------------------------------------------------------------------------------------------
+
+TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
+
+
+def corpus_text(path: str) -> str:
+    """The text a tokenizer is trained on: a .jsonl file's text fields (prompt, completion,
+    chosen, rejected, and every message's content), one per line; any other file as it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise TokenizerError(f"--data {path}: file not found") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise TokenizerError(f"--data {path}: not a readable UTF-8 text file "
+                             f"({type(e).__name__})") from None
+    if not path.endswith(".jsonl"):
+        return raw
+    parts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise TokenizerError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(row, dict):
+            raise TokenizerError(f"{path}:{n}: not a JSON object")
+        parts += [row[k] for k in TEXT_FIELDS if isinstance(row.get(k), str)]
+        parts += [m["content"] for m in row.get("messages") or []
+                  if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> Tokenizer:
+    """python -m minirlhf.tokenizer train --data FILE [FILE ...] --vocab-size N --out DIR"""
+    import argparse
+    import sys
+    prog = "python -m minirlhf.tokenizer"
+    ap = argparse.ArgumentParser(prog=prog, description="Train the project's byte-level BPE on "
+                                 "your own text; train_sft.py --tokenizer DIR starts from it.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a tokenizer and write DIR/tokenizer.tiktoken")
+    t.add_argument("--data", nargs="+", required=True,
+                   help="JSONL files (their text fields) or plain text files")
+    t.add_argument("--vocab-size", type=int, default=512,
+                   help="mergeable tokens, at least 256 (the 5 special tokens come on top)")
+    t.add_argument("--out", required=True, help="folder for tokenizer.tiktoken")
+    args = ap.parse_args(argv)
+    try:
+        if args.vocab_size < 256:
+            raise TokenizerError(f"--vocab-size {args.vocab_size}: at least 256 (the bytes)")
+        text = "\n".join(corpus_text(p) for p in args.data)
+        if not text.strip():
+            raise TokenizerError("--data: the files hold no text to train on")
+        tok = Tokenizer.train(text, args.vocab_size)
+        path = os.path.join(args.out, "tokenizer.tiktoken")
+        tok.save(path)
+    except (TokenizerError, OSError) as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        raise SystemExit(2)
+    n = len(tok.encode(text))
+    print(f"wrote {path}: {tok.vocab_size} tokens ({len(tok.enc._mergeable_ranks)} BPE + 5 "
+          f"special); the training text is {len(text.encode()):,} bytes = {n:,} tokens "
+          f"({len(text.encode()) / max(n, 1):.2f} bytes per token)")
+    return tok
+
+
+if __name__ == "__main__":
+    main()

@@ -253,3 +253,24 @@ def test_explain_prints_each_token(sft_dir, capsys):
     mean = sum(r["loss"] for r in rows) / len(rows)
     assert f"{mean:.4f}" in out
     assert all(abs(r["p"] - torch.exp(torch.tensor(-r["loss"])).item()) < 1e-6 for r in rows)
+
+
+def test_sft_starts_from_a_tokenizer_trained_on_your_text(tmp_path):
+    """train_sft.py --tokenizer DIR builds its model on that tokenizer (and saves it beside the
+    checkpoint); --tokenizer with --init is refused, since both would choose the tokenizer."""
+    from minirlhf.tokenizer import Tokenizer, main as tokenizer_main
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Double {w}", "completion": w + w}) + "\n"
+                            for w in ("ab", "cd", "xyz", "qq") * 10))
+    tok = tokenizer_main(["train", "--data", str(data), "--vocab-size", "270",
+                          "--out", str(tmp_path / "tok")])
+    out = str(tmp_path / "sft")
+    train_sft.train(train_sft.SFTConfig(out=out, data=str(data), tokenizer=str(tmp_path / "tok"),
+                                        **{**TINY_SFT, "max_steps": 4, "n_show": 0}))
+    model, saved_tok, _ = load_stage(out, "gpt")
+    assert saved_tok.fingerprint() == tok.fingerprint()
+    assert model.config.vocab_size == tok.vocab_size == 275
+    assert Tokenizer.load(os.path.join(out, "tokenizer.tiktoken")).fingerprint() == \
+        tok.fingerprint()
+    with pytest.raises(ValueError, match="--tokenizer and --init"):
+        train_sft.SFTConfig(tokenizer=str(tmp_path / "tok"), init=out).check()

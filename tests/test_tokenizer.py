@@ -167,3 +167,46 @@ def test_empty_rank_file_is_refused(tmp_path):
     path.write_text("\n")
     with pytest.raises(TokenizerError, match="empty"):
         Tokenizer.load(str(path))
+
+
+def test_train_command_writes_a_tokenizer_of_your_text(tmp_path, capsys):
+    """`python -m minirlhf.tokenizer train` reads a JSONL file's text fields (prompt,
+    completion, chosen, rejected, messages), trains the project's BPE on them and writes a rank
+    file that loads back as the same tokenizer; a text file is read as it is."""
+    import json
+    from minirlhf.tokenizer import corpus_text, main
+    rows = [{"prompt": "Spell it backwards: level", "completion": "level"},
+            {"prompt": "p", "chosen": "good answer", "rejected": "bad answer"},
+            {"messages": [{"role": "user", "content": "hi there"},
+                          {"role": "assistant", "content": "hello again"}]}]
+    data = tmp_path / "own.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows * 20) + "\n\n")
+    text = corpus_text(str(data))
+    for piece in ("Spell it backwards: level", "good answer", "bad answer", "hello again"):
+        assert piece in text
+    assert '"prompt"' not in text  # the field names are not text to learn
+    tok = main(["train", "--data", str(data), "--vocab-size", "280", "--out", str(tmp_path / "t")])
+    back = Tokenizer.load(str(tmp_path / "t" / "tokenizer.tiktoken"))
+    assert back.fingerprint() == tok.fingerprint() and back.vocab_size == 280 + 5
+    assert back.decode(back.encode("Spell it backwards: level")) == "Spell it backwards: level"
+    assert len(back.encode("good answer")) < len("good answer".encode())  # merges were learned
+    plain = tmp_path / "notes.txt"
+    plain.write_text("plain words, plain text\n" * 30)
+    assert corpus_text(str(plain)) == plain.read_text()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "/no/such.jsonl"], "file not found"),
+    (["--data", "BAD", "--vocab-size", "100"], "at least 256"),
+    (["--data", "NOTJSON"], ":2: not a JSON line"),
+])
+def test_train_command_errors_are_one_line(tmp_path, capsys, args, words):
+    from minirlhf.tokenizer import main
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\nnot json\n')
+    args = [str(bad) if a in ("BAD", "NOTJSON") else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err
+    assert not (tmp_path / "t").exists()  # nothing written
