@@ -37,17 +37,16 @@ import torch.nn.functional as F
 
 from minirlhf.checkpoint import CheckpointError, load_stage
 from minirlhf.config import check_ranges, parse_config
-from minirlhf.data import DataError, read_prefs
+from minirlhf.data import DataError, hold_out, read_prefs
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
-from minirlhf.evaluate import final_evaluation
+from minirlhf.evaluate import evaluation_prompts, final_evaluation, stage_scorer
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, checkpoint_to_resume, distinct_rows, due,
                                fail, lr_at, make_optimizer, optimizer_step, pad_batch,
                                pair_batches_from, pair_groups, progress_bar, resume_state,
                                save_run, set_lr, start_run, write_json)
-from minirlhf.world import World
 
 
 def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor,
@@ -174,11 +173,15 @@ class DPOConfig:
     grad_clip: float = 1.0            # max global gradient norm
     eval_every: int = 50              # steps between validation implicit-reward accuracy
     ckpt_every: int = 50              # steps between checkpoints (and at the end)
-    max_new_tokens: int = 48          # response budget for the final gold evaluation
+    max_new_tokens: int = 48          # response budget for the final evaluation
+    eval_prompts: str | None = None   # prompts JSONL for the final evaluation; none = the world's
+                                      # test prompts (world pairs) or the validation pairs' prompts
+    eval_samples: int = 16            # samples per evaluation prompt (plus one greedy)
+    rm: str | None = None             # a reward model stage: score the evaluation samples with it
 
     def check(self):
         check_ranges(self, positive=("max_steps", "batch_size", "eval_every", "ckpt_every",
-                                     "max_new_tokens", "grad_clip"),
+                                     "max_new_tokens", "grad_clip", "eval_samples"),
                      non_negative=("warmup", "weight_decay", "rpo_alpha"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--min-lr-ratio must be in [0, 1]")
@@ -202,7 +205,7 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     policy, tok, _ = load_stage(cfg.sft, "gpt", device)   # π_θ, starts at the SFT model
     ref, _, _ = load_stage(cfg.sft, "gpt", device)        # π_ref, frozen
     ref.eval().requires_grad_(False)
-    train_pairs, val_pairs, test_pairs = load_pairs(cfg, tok, policy.config.block_size)
+    train_pairs, val_pairs, test_pairs, prompts = load_pairs(cfg, tok, policy.config.block_size)
     t_ref = time.time()
     ref_train = precompute_reference(ref, train_pairs, tok, device, cfg.batch_size)  # (N, 2)
     ref_val = precompute_reference(ref, val_pairs, tok, device, cfg.batch_size)
@@ -245,7 +248,7 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
         return result
 
     # --- evaluation: implicit-reward accuracy on test pairs; gold score and KL to SFT ---
-    result.update(test_evaluation(cfg, policy, ref, test_pairs, tok, device))
+    result.update(test_evaluation(cfg, policy, ref, test_pairs, prompts, tok, device))
     write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 
@@ -255,21 +258,25 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def load_pairs(cfg: DPOConfig, tok, block_size: int):
-    """(train, val, test) lists of pairs (chosen ids, rejected ids, n_prompt). Validation and test
-    pairs default to prefs_val.jsonl and prefs_test.jsonl beside --data; without validation
-    pairs the first 256 training pairs stand in, without test pairs test is None."""
+    """(train, val, test) lists of pairs (chosen ids, rejected ids, n_prompt), and the prompts of
+    the training and validation pairs. Validation and test pairs default to prefs_val.jsonl and
+    prefs_test.jsonl beside --data; without validation pairs, the pairs of 5% of the prompts
+    are held out (`hold_out`); without test pairs test is None."""
     if not os.path.exists(cfg.data):
         raise DataError(cfg.data, "preference file not found (make it with train_rm.py "
                                   "--make-pairs)")
-    train_pairs = encode_pairs(read_prefs(cfg.data, tok, block_size), tok)
+    train_rows = read_prefs(cfg.data, tok, block_size)
     val_path = cfg.val_data or sibling(cfg.data, "prefs_val.jsonl")
     test_path = cfg.test_data or sibling(cfg.data, "prefs_test.jsonl")
-    val_pairs, test_pairs = train_pairs[:256], None
     if os.path.exists(val_path):
-        val_pairs = encode_pairs(read_prefs(val_path, tok, block_size), tok)
+        val_rows = read_prefs(val_path, tok, block_size)
+    else:
+        train_rows, val_rows = hold_out(train_rows, cfg.seed)
+    test_pairs = None
     if os.path.exists(test_path):
         test_pairs = encode_pairs(read_prefs(test_path, tok, block_size), tok)
-    return train_pairs, val_pairs, test_pairs
+    prompts = {"train": [r["prompt"] for r in train_rows], "val": [r["prompt"] for r in val_rows]}
+    return encode_pairs(train_rows, tok), encode_pairs(val_rows, tok), test_pairs, prompts
 
 
 def sibling(path: str, name: str) -> str:
@@ -360,18 +367,24 @@ def validate(policy, val_pairs, ref_val, stats, lr, step, log, tok, cfg, dist) -
     log.write(step, split="val", **val)
 
 
-def test_evaluation(cfg: DPOConfig, policy, ref, test_pairs, tok, device) -> dict:
-    """Implicit-reward accuracy on the test pairs; on the built-in world also the gold score,
-    accuracy and KL to the SFT model of the policy's answers to the test prompts."""
+def test_evaluation(cfg: DPOConfig, policy, ref, test_pairs, prompts, tok, device) -> dict:
+    """Implicit-reward accuracy on the test pairs, and the policy's answers to the evaluation
+    prompts (`evaluation_prompts`) sampled and greedy, with their KL to the SFT model, the gold
+    judge's score on world prompts and --rm's reward; the answers go to OUT/samples.jsonl."""
     result = {}
     if test_pairs:
         ref_test = precompute_reference(ref, test_pairs, tok, device, cfg.batch_size)
         result["test_pairs"] = evaluate_pairs(policy, test_pairs, ref_test, tok, cfg, device,
                                               cfg.batch_size)
         print(f"test pairs: implicit-reward accuracy {result['test_pairs']['accuracy']:.3f}")
-    if tok.kind == "world":  # the gold judge knows the built-in world only (not HH, TL;DR)
-        result.update(final_evaluation(policy, tok, World(cfg.seed).test_prompts, ref=ref,
-                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    eval_set, source = evaluation_prompts(cfg.eval_prompts, prompts["train"], prompts["val"], tok,
+                                          policy.config.block_size - cfg.max_new_tokens, cfg.seed)
+    print(f"final evaluation on {source}", flush=True)
+    reward = stage_scorer(cfg.rm, tok, device) if cfg.rm else None
+    result["eval_prompts"] = source
+    result.update(final_evaluation(policy, tok, eval_set, ref=ref, reward=reward,
+                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                   repeats=cfg.eval_samples, out_dir=cfg.out))
     return result
 
 

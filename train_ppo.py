@@ -43,7 +43,7 @@ from tqdm import tqdm
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, rng_state, save_stage, set_rng_state)
 from minirlhf.config import check_ranges, parse_config
-from minirlhf.data import DataError, read_prompts
+from minirlhf.data import DataError, hold_out, read_prompts
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.distributed import masked_mean_var, mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy, token_logprobs
@@ -55,7 +55,8 @@ from minirlhf.sampler import Generation, generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, make_optimizer,
                                read_metrics, set_lr, start_run, write_json)
-from minirlhf.evaluate import evaluate, final_evaluation
+from minirlhf.evaluate import (evaluate, evaluation_prompts, final_evaluation, reward_model_scorer,
+                               write_samples)
 from minirlhf.world import World, correct, gold_reward, is_world_prompt
 
 
@@ -236,12 +237,16 @@ class PPOConfig:
     value_init: Literal["rm", "sft"] = "rm"  # the value model starts from the reward model or
                                              # the SFT trunk
     # logging
-    eval_every: int = 20              # iterations between held-out gold evaluations
+    eval_every: int = 20              # iterations between held-out evaluations
+    eval_prompts: str | None = None   # prompts JSONL to evaluate on; none = the world's prompts
+                                      # (world data) or 5% of --prompts, held out from training
+    eval_samples: int = 16            # samples per evaluation prompt at the end (plus greedy)
     ckpt_every: int = 20              # iterations between checkpoints (and at the end)
     def check(self):
         check_ranges(self, positive=("iterations", "prompts_per_iter", "samples_per_prompt",
                                      "max_new_tokens", "epochs", "minibatch_size", "eval_every",
-                                     "ckpt_every", "target_kl", "kl_horizon", "grad_clip"),
+                                     "ckpt_every", "target_kl", "kl_horizon", "grad_clip",
+                                     "eval_samples"),
                      non_negative=("warmup", "vf_coef", "ent_coef"))
         if self.value_clip is not None and self.value_clip <= 0:
             raise ValueError("--value-clip must be positive (or none)")
@@ -397,7 +402,7 @@ def clip_and_step(model, optimizer, max_norm: float, step: int, name: str) -> No
 def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
     policy, ref, reward_model, value_model, tok = load_four_models(cfg, dist.device)  # ch. 7
-    prompt_texts = training_prompts(cfg, tok, policy.config.block_size)
+    prompt_texts, eval_set, source = training_prompts(cfg, tok, policy.config.block_size)
     policy_opt = make_optimizer(policy, cfg.lr, 0.0)
     value_opt = make_optimizer(value_model, cfg.value_lr, 0.0)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -425,14 +430,16 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
         ro.seconds["update"] = time.time() - t_update
         row = log_iteration(log, it, ro, stats, beta, tok, dist)
         kl_ctl.update(row["kl"], len(ro.prompts) * dist.world_size)
-        if not cfg.prompts and (it % cfg.eval_every == 0 or it == cfg.iterations):
-            held_out_evaluation(log, it, policy, ref, tok, world, cfg)  # every process
+        if it % cfg.eval_every == 0 or it == cfg.iterations:  # every process evaluates
+            held_out_evaluation(log, it, policy, ref, reward_model, tok, world, eval_set, cfg,
+                                dist.device)
         if dist.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iterations):
             save(cfg, it, tok, policy, policy_opt, value_model, value_opt, kl_ctl)
     bar.close()
     result = {"train_seconds": time.time() - t_start, "iterations": it}
     if dist.is_main:  # rank 0 evaluates and writes eval.json
-        result.update(final_results(cfg, policy, ref, reward_model, tok, world, dist.device))
+        result.update(final_results(cfg, policy, ref, reward_model, tok, world, eval_set,
+                                    source, dist.device))
         write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 
@@ -457,13 +464,18 @@ def load_four_models(cfg: PPOConfig, device):
     return policy, ref, reward_model, value_model, tok
 
 
-def training_prompts(cfg: PPOConfig, tok, block_size: int) -> list[str]:
-    """--prompts (JSONL) or the world's training prompts, checked against the block size."""
+def training_prompts(cfg: PPOConfig, tok, block_size: int):
+    """(training prompts, evaluation prompts, where those come from): --prompts (JSONL) or the
+    world's training prompts, checked against the block size; the evaluation prompts are
+    --eval-prompts, the world's test prompts (world prompts), or 5% of --prompts held out."""
     if cfg.max_new_tokens >= block_size:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
                          f"the model's block size {block_size}")
+    held = []
     if cfg.prompts:
         rows = read_prompts(cfg.prompts, tok, block_size - cfg.max_new_tokens)
+        if not (cfg.eval_prompts or all(is_world_prompt(r["prompt"]) for r in rows)):
+            rows, held = hold_out(rows, cfg.seed)  # never trained on: the evaluation's prompts
         prompt_texts = [r["prompt"] for r in rows]
     else:
         prompt_texts = [p.text for p in World(cfg.seed).train_prompts]
@@ -473,7 +485,10 @@ def training_prompts(cfg: PPOConfig, tok, block_size: int) -> list[str]:
     longest = max(len(tok.render_prompt(p)) for p in prompt_texts)
     if longest + cfg.max_new_tokens > block_size:
         raise ValueError("--max-new-tokens plus the longest prompt exceeds the model's block size")
-    return prompt_texts
+    eval_set, source = evaluation_prompts(cfg.eval_prompts, prompt_texts,
+                                          [r["prompt"] for r in held], tok,
+                                          block_size - cfg.max_new_tokens, cfg.seed)
+    return prompt_texts, eval_set, source
 
 
 def save(cfg: PPOConfig, it: int, tok, policy, policy_opt, value_model, value_opt, kl_ctl):
@@ -529,28 +544,40 @@ def log_iteration(log, it: int, ro: Rollout, stats: dict, beta: float, tok, dist
     return row
 
 
-def held_out_evaluation(log, it: int, policy, ref, tok, world, cfg: PPOConfig) -> None:
-    """Gold, accuracy and KL of fresh samples on the validation prompts, logged as split "val"."""
-    ev = evaluate(policy, tok, world.val_prompts, ref=ref, max_new_tokens=cfg.max_new_tokens,
-                  seed=cfg.seed + 7)
-    log.write(it, split="val", gold=ev["gold"], accuracy=ev["accuracy"], kl=ev["kl"],
-              length=ev["length"])
-    print(f"iter {it:4d} | held-out: gold {ev['gold']:+.3f} | accuracy {ev['accuracy']:.3f} | "
-          f"kl {ev['kl']:.2f}", flush=True)
+def held_out_evaluation(log, it: int, policy, ref, reward_model, tok, world, eval_set,
+                        cfg: PPOConfig, device) -> None:
+    """Fresh samples, one per prompt, logged as split "val": gold, accuracy, KL on the world's
+    validation prompts; on your own data (or --eval-prompts) the evaluation prompts, with the
+    reward model's score, and the samples in OUT/samples.jsonl (the latest evaluation's)."""
+    own = cfg.prompts or cfg.eval_prompts
+    ev = evaluate(policy, tok, eval_set if own else world.val_prompts, ref=ref,
+                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, records=bool(own),
+                  reward=reward_model_scorer(reward_model, device) if own else None)
+    if own:
+        write_samples(cfg.out, ev.pop("records"), step=it)
+    row = {k: ev[k] for k in ("gold", "accuracy", "kl", "reward", "length") if k in ev}
+    log.write(it, split="val", **row)
+    print(f"iter {it:4d} | held-out: " + " | ".join(f"{k} {v:.3f}" for k, v in row.items()),
+          flush=True)
 
 
-def final_results(cfg: PPOConfig, policy, ref, reward_model, tok, world, device) -> dict:
+def final_results(cfg: PPOConfig, policy, ref, reward_model, tok, world, eval_set, source,
+                  device) -> dict:
     """The end of the run: the proxy over the last tenth of training, the median seconds of each
-    phase, and on the world's test prompts the final evaluation (sampled and greedy, KL to SFT)
-    and the reward model's mean score of fresh samples (what it thinks of the final policy)."""
+    phase, and on the evaluation prompts the final evaluation (sampled and greedy, KL to SFT,
+    the reward model's score; OUT/samples.jsonl); on the world's test prompts also the reward
+    model's mean score of fresh samples (what it thinks of the final policy)."""
     rows = [r for r in read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
             if r["split"] == "train"]
     result = {"final_proxy": float(np.mean([r["proxy"] for r in rows[-max(1, len(rows) // 10):]])),
               "phase_seconds": {p: float(np.median([r[f"time_{p}"] for r in rows]))
-                                for p in ("generate", "score", "update")}}
-    if not cfg.prompts:
-        result.update(final_evaluation(policy, tok, world.test_prompts, ref=ref,
-                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+                                for p in ("generate", "score", "update")},
+              "eval_prompts": source}
+    result.update(final_evaluation(policy, tok, eval_set, ref=ref,
+                                   reward=reward_model_scorer(reward_model, device),
+                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                   repeats=cfg.eval_samples, out_dir=cfg.out))
+    if not cfg.prompts and not cfg.eval_prompts:
         result["test_proxy"] = reward_on(policy, reward_model, tok, world.test_prompts, cfg,
                                          device)
         print(f"test proxy reward (RM) {result['test_proxy']:+.3f} | median phase seconds "

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, model_from_checkpoint)
 from minirlhf.config import check_ranges, parse_config
-from minirlhf.data import DataError, read_prefs, write_jsonl
+from minirlhf.data import DataError, hold_out, read_prefs, write_jsonl
 from minirlhf.device import autocast
 from minirlhf.distributed import barrier, broadcast, mean_over_ranks, wrap
+from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, reward_model_scorer
 from minirlhf.model import ScalarHeadModel
 from minirlhf.plots import plot_calibration
 from minirlhf.sampler import generate
@@ -136,12 +137,16 @@ class RMConfig:
     eval_every: int = 500             # steps between validation loss/accuracy (and checkpoints)
     patience: int = 3                 # stop after this many evaluations without a better val loss
     normalize: bool = True            # shift rewards so the SFT policy's responses average 0
+    eval_prompts: str | None = None   # prompts JSONL on which --policy's samples are scored at
+                                      # the end; none = the world's test prompts or the
+                                      # validation pairs' prompts
+    eval_samples: int = 16            # samples per evaluation prompt (plus one greedy)
     noise_free_labels: bool = False   # built-in world: the labeller's P(y_w ≻ y_l) as target
 
     def check(self):
         check_ranges(self, positive=("n_pairs", "n_val_pairs", "n_test_pairs", "max_steps",
                                      "batch_size", "eval_every", "patience", "max_new_tokens",
-                                     "lr", "grad_clip", "pair_temperature"),
+                                     "lr", "grad_clip", "pair_temperature", "eval_samples"),
                      non_negative=("warmup", "weight_decay"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--min-lr-ratio must be in [0, 1]")
@@ -168,7 +173,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     # --- the reward model: the SFT trunk + a fresh scalar head (lecture ch. 6), or resumed ---
     ck = checkpoint_to_resume(cfg)  # OUT/checkpoint.pt with --resume, else None
     rm, tok = load_reward_model(cfg, ck, device)
-    train_pairs, p_chosen, val_pairs, test_rows = load_pairs(cfg, tok, rm.config.block_size)
+    train_pairs, p_chosen, val_pairs, test_rows, prompts = load_pairs(cfg, tok,
+                                                                       rm.config.block_size)
     print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters; {len(train_pairs)} training "
           f"pairs, {len(val_pairs)} validation pairs", flush=True)
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
@@ -207,12 +213,14 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         return result
 
     # --- the final model: the best checkpoint, rewards centred on the SFT policy ---
-    shift = best_model_centred(cfg, rm, train_pairs, tok, device)
+    policy = load_stage(cfg.policy or cfg.sft, "gpt", device)[0]  # the policy PPO starts from
+    shift, centre = best_model_centred(cfg, rm, train_pairs, prompts, policy, tok, device)
     extra = {"best_val_loss": best, "bad_evals": bad_evals, "reward_shift": shift, "finished": True}
     save_run(cfg, step, rm, optimizer, tok, "scalar", extra)
     result.update({"train_seconds": time.time() - t0, "steps": step,
                    "stopped_early": stopped_early, "reward_shift": shift,
-                   "n_train_pairs": len(train_pairs)})
+                   "centred_on": centre, "n_train_pairs": len(train_pairs)})
+    result.update(score_policy_samples(cfg, rm, policy, prompts, tok, device))
     if test_rows:  # test accuracy next to the Bayes limit, and calibration
         result.update(test_report(cfg, rm, test_rows, tok, device))
     write_json(os.path.join(cfg.out, "eval.json"), result)
@@ -312,21 +320,24 @@ def load_reward_model(cfg: RMConfig, ck: dict | None, device) -> tuple[ScalarHea
 
 
 def load_pairs(cfg: RMConfig, tok, block_size: int):
-    """(training pairs, p_chosen, validation pairs, test rows). Pairs are (chosen ids, rejected
-    ids); p_chosen is each training pair's P(chosen ≻ rejected) with --noise-free-labels, else
-    None; without validation pairs the first 256 training pairs stand in; test rows may be None."""
+    """(training pairs, p_chosen, validation pairs, test rows, prompts). Pairs are (chosen ids,
+    rejected ids); p_chosen is each training pair's P(chosen ≻ rejected) with
+    --noise-free-labels, else None; without validation pairs, the pairs of 5% of the prompts are
+    held out (`hold_out`); test rows may be None; prompts = {"train": [...], "val": [...]}."""
     train_path = cfg.data or os.path.join(cfg.out, "prefs.jsonl")
     if not os.path.exists(train_path):
         raise DataError(train_path, "no preference data: run with --make-pairs or pass --data")
     train_rows = read_prefs(train_path, tok, block_size)
-    train_pairs = encode_pairs(train_rows, tok)
-    p_chosen = label_probabilities(train_rows, train_path) if cfg.noise_free_labels else None
     val_path = cfg.val_data or os.path.join(cfg.out, "prefs_val.jsonl")
     val_rows = read_pairs(val_path, tok, block_size)
+    if not val_rows:
+        train_rows, val_rows = hold_out(train_rows, cfg.seed)
+    p_chosen = label_probabilities(train_rows, train_path) if cfg.noise_free_labels else None
     test_path = cfg.test_data or os.path.join(cfg.out, "prefs_test.jsonl")
     test_rows = read_pairs(test_path, tok, block_size)
-    val_pairs = encode_pairs(val_rows, tok) if val_rows else train_pairs[:256]
-    return train_pairs, p_chosen, val_pairs, test_rows
+    prompts = {"train": [r["prompt"] for r in train_rows], "val": [r["prompt"] for r in val_rows]}
+    return (encode_pairs(train_rows, tok), p_chosen, encode_pairs(val_rows, tok), test_rows,
+            prompts)
 
 
 def read_pairs(path, tok, block_size):
@@ -427,21 +438,45 @@ def save_checkpoints(cfg: RMConfig, step, rm, optimizer, tok, best, bad_evals) -
     save_run(cfg, step, rm, optimizer, tok, "scalar", extra)
 
 
-def best_model_centred(cfg: RMConfig, rm, train_pairs, tok, device) -> float:
-    """Load OUT/best.pt into rm and, with --normalize, shift its rewards so that the SFT
-    policy's responses average 0. Returns the shift."""
+def best_model_centred(cfg: RMConfig, rm, train_pairs, prompts, policy, tok,
+                       device) -> tuple[float, str]:
+    """Load OUT/best.pt into rm and, with --normalize, shift its rewards so that the responses
+    of the policy PPO starts from average 0: PPO then sees rewards around 0 at its start, the
+    value model's targets start centred, and the KL penalty, not an offset, sets the scale of
+    the per-token rewards. Pairs sampled by --make-pairs are that policy's responses, so their
+    mean is used; for other pairs (written by people, or by another model) the policy answers
+    up to 512 training prompts once, and the mean of those answers is used.
+    Returns (the shift, what it was centred on)."""
     rm.load_state_dict(load_checkpoint(os.path.join(cfg.out, "best.pt"))["model"])
     rm.eval()
-    shift = 0.0
-    if cfg.normalize:
-        # Pairs were sampled from the SFT policy, so their mean reward is the SFT policy's mean.
-        # PPO then sees rewards around 0 at the start: the value model's targets start centred
-        # and the KL penalty, not an arbitrary offset, sets the scale of the per-token rewards.
+    if not cfg.normalize:
+        return 0.0, "nothing (--no-normalize)"
+    if cfg.make_pairs or cfg.data is None:  # the pairs are the policy's own samples
         ev = evaluate_pairs(rm, train_pairs[:2000], tok, device, cfg.batch_size)
         shift = torch.cat([ev["r_chosen"], ev["r_rejected"]]).mean().item()
-        with torch.no_grad():
-            rm.head.bias -= shift
-    return shift
+        centre = f"the training pairs' responses ({min(len(train_pairs), 2000)} pairs)"
+    else:
+        sample_prompts = list(dict.fromkeys(prompts["train"]))[:512]
+        shift = evaluate(policy, tok, sample_prompts, max_new_tokens=cfg.max_new_tokens,
+                         seed=cfg.seed, reward=reward_model_scorer(rm, device))["reward"]
+        centre = f"{cfg.policy or cfg.sft}'s answers to {len(sample_prompts)} training prompts"
+    with torch.no_grad():
+        rm.head.bias -= shift
+    print(f"rewards centred on {centre}: shift {shift:+.3f}", flush=True)
+    return shift, centre
+
+
+def score_policy_samples(cfg: RMConfig, rm, policy, prompts, tok, device) -> dict:
+    """The reward model's scores of the policy's answers (sampled and greedy) to the evaluation
+    prompts (`evaluation_prompts`), with the gold judge's on world prompts: OUT/samples.jsonl."""
+    eval_set, source = evaluation_prompts(cfg.eval_prompts, prompts["train"], prompts["val"],
+                                          tok, policy.config.block_size - cfg.max_new_tokens,
+                                          cfg.seed)
+    print(f"scoring {cfg.policy or cfg.sft}'s answers to {source}", flush=True)
+    samples = final_evaluation(policy, tok, eval_set, reward=reward_model_scorer(rm, device),
+                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                               repeats=cfg.eval_samples, out_dir=cfg.out)
+    return {"eval_prompts": source, "policy_samples": samples}
 
 
 def test_report(cfg: RMConfig, rm, test_rows, tok, device) -> dict:

@@ -35,7 +35,7 @@ from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
-from minirlhf.evaluate import evaluate, final_evaluation
+from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, stage_scorer
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, TokenizerError
@@ -124,12 +124,16 @@ class SFTConfig:
     n_show: int = 3                   # samples printed at each evaluation
     max_new_tokens: int = 64          # response budget when sampling
     eval_temperature: float = 1.0     # final evaluation samples at this temperature (and greedy)
+    eval_prompts: str | None = None   # prompts JSONL for the final evaluation; none = the world's
+                                      # test prompts (world data) or the validation prompts
+    eval_samples: int = 16            # samples per evaluation prompt (plus one greedy)
+    rm: str | None = None             # a reward model stage: score the evaluation samples with it
 
     def check(self):
         check_ranges(self, positive=("max_steps", "batch_size", "grad_accum", "log_every",
                                      "eval_every", "ckpt_every", "n_examples", "max_new_tokens",
                                      "n_layer", "n_head", "n_embd", "block_size", "lr",
-                                     "grad_clip"),
+                                     "grad_clip", "eval_samples"),
                      non_negative=("warmup", "weight_decay", "n_show", "eval_temperature"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("--min-lr-ratio must be in [0, 1]")
@@ -151,7 +155,7 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     ck = checkpoint_to_resume(cfg)  # OUT/checkpoint.pt with --resume, else None
     model, tok = load_model(cfg, ck, device)
     cfg.block_size = model.config.block_size
-    train_set, val_set = load_examples(cfg, tok, world)
+    train_set, val_set, prompts = load_examples(cfg, tok, world)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {tok.vocab_size}; "
           f"{len(train_set)} training and {len(val_set)} validation examples", flush=True)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -190,13 +194,11 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
             save_run(cfg, step, model, optimizer, tok)
     bar.close()
 
-    # --- evaluation on held-out test prompts: sampled (temperature 1) and greedy ---
+    # --- evaluation on held-out prompts: sampled (temperature 1) and greedy ---
     result = {"train_seconds": time.time() - t0}
-    if cfg.data is None and dist.is_main:
+    if dist.is_main:
         model.eval()
-        result.update(final_evaluation(model, tok, world.test_prompts, seed=cfg.seed,
-                                       temperature=cfg.eval_temperature,
-                                       max_new_tokens=cfg.max_new_tokens))
+        result.update(held_out_evaluation(cfg, model, tok, prompts, device))
         write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 
@@ -229,8 +231,9 @@ def own_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.load(os.path.join(path, TOKENIZER) if os.path.isdir(path) else path)
 
 
-def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
-    """(train, val) lists of (ids, n_prompt). The world's demonstrations, or --data JSONL."""
+def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list, dict]:
+    """(train, val) lists of (ids, n_prompt), the world's demonstrations or --data JSONL, and
+    the prompts of each ({"train": [...], "val": [...]}: what the final evaluation needs)."""
     if cfg.data is None:
         train = world.sft_examples(cfg.n_examples, cfg.seed)
         val = world.sft_examples(1000, cfg.seed + 1, split="val")
@@ -243,13 +246,14 @@ def load_examples(cfg: SFTConfig, tok, world) -> tuple[list, list]:
             n_val = max(1, len(train) // 20)
             val = [train[i] for i in order[:n_val]]
             train = [train[i] for i in order[n_val:]] or val
+    prompts = {"train": [r["prompt"] for r in train], "val": [r["prompt"] for r in val]}
     encode = lambda rows: [tok.render(r["prompt"], r["completion"]) for r in rows]
     train, val = encode(train), encode(val)
     too_long = max(len(ids) for ids, _ in train + val)
     if too_long > cfg.block_size:
         raise DataError("the built-in world", f"an example has {too_long} tokens, over "
                                               f"--block-size {cfg.block_size}")
-    return train, val
+    return train, val, prompts
 
 
 def micro_batch_indices(cfg: SFTConfig, train_set, step: int, dist):
@@ -314,6 +318,20 @@ def validation_loss(model, val, tok, device, batch_size=256) -> float:
         count += stats["n_tokens"].item()
     model.train()
     return total / max(count, 1)
+
+
+def held_out_evaluation(cfg: SFTConfig, model, tok, prompts: dict, device) -> dict:
+    """Sample the evaluation prompts (`evaluation_prompts`: --eval-prompts, the world's test
+    prompts, or the validation examples' prompts) at temperature 1 and greedily; the gold judge
+    scores world prompts, --rm every response. Writes OUT/samples.jsonl."""
+    eval_set, source = evaluation_prompts(cfg.eval_prompts, prompts["train"], prompts["val"],
+                                          tok, cfg.block_size - cfg.max_new_tokens, cfg.seed)
+    print(f"final evaluation on {source}", flush=True)
+    reward = stage_scorer(cfg.rm, tok, device) if cfg.rm else None
+    return {"eval_prompts": source,
+            **final_evaluation(model, tok, eval_set, seed=cfg.seed, reward=reward,
+                               temperature=cfg.eval_temperature, repeats=cfg.eval_samples,
+                               max_new_tokens=cfg.max_new_tokens, out_dir=cfg.out)}
 
 
 def show_samples(model, tok, world, cfg, step):

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import sys
 from typing import Any, Callable, Iterable, Iterator
@@ -281,6 +282,18 @@ def read_prompts(path, tokenizer=None, max_len: int | None = None,
     """[{"prompt"}] for RL; the length is the rendered prompt alone (the response comes later)."""
     return _read(path, _prompt_record, lambda tok, r: len(tok.render_prompt(r["prompt"])),
                  tokenizer, max_len, truncate)
+
+
+def hold_out(rows: list[dict], seed: int, fraction: float = 0.05) -> tuple[list, list]:
+    """(kept, held out): the rows of a `fraction` of the distinct prompts (at least one) drawn
+    by seed, so no held-out prompt is ever trained on. With a single prompt nothing is held."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    if len(prompts) < 2:
+        return rows, rows
+    order = random.Random(seed).sample(prompts, len(prompts))
+    held = set(order[:max(1, int(len(prompts) * fraction))])
+    return ([r for r in rows if r["prompt"] not in held],
+            [r for r in rows if r["prompt"] in held])
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> int:

@@ -13,95 +13,142 @@ This module sits above `world.py` (which judges text and runs no model) and the 
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .checkpoint import CheckpointError, load_stage
+from .data import read_prompts, write_jsonl
+from .device import autocast
 from .masking import token_logprobs
 from .sampler import generate
-from .world import BT_TEMPERATURE, PromptLike, correct, gold_reward, lookup, optimal_score
+from .world import (BT_TEMPERATURE, Prompt, PromptLike, World, correct, gold_reward,
+                    is_world_prompt, optimal_score)
 
 
 def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
              temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
              seed: int = 0, n_samples: int = 0, repeats: int = 1, per_sample: bool = False,
-             reward=None) -> dict:
-    """Sample one response per prompt and judge it.
+             reward=None, records: bool = False, desc: str | None = None) -> dict:
+    """Sample `repeats` responses per prompt and describe them: mean length (tokens, end
+    excluded) and the fraction that ended properly; given a reference model and temperature 1,
+    the mean KL to it, KL(π‖π_ref) estimated per response as Σ_t log π(y_t) − log π_ref(y_t)
+    over its tokens (k1, lecture ch. 5; unbiased because the responses are sampled from π);
+    given `reward`, a function of the sampled batch (tokens (B, T), attn_mask (B, T), ended
+    (B,)) -> (B,) such as a reward model's score, its mean. The gold judge scores the responses
+    to the world's own prompts (any prompt it knows, whatever the tokenizer): "gold",
+    "accuracy" and "optimum" average those.
 
-    Returns mean gold score, accuracy, mean response length (tokens, end excluded), the fraction
-    that ended properly, and — given a reference model and temperature 1 — the mean KL to it,
-    KL(π‖π_ref) estimated per response as Σ_t log π(y_t) − log π_ref(y_t) over its tokens (k1,
-    lecture ch. 5; unbiased because the responses are sampled from π). `samples` holds the first
-    `n_samples` (prompt, response, gold) for printing. `repeats` samples each prompt that many
-    times (a lower-variance estimate on a small prompt set; greedy decoding needs only 1).
-    `per_sample` adds every sample's gold and correctness as arrays "golds" and "correct", in
-    prompt order with a prompt's repeats side by side; given `reward`, a function of the sampled
-    batch (tokens (B, T), attn_mask (B, T), ended (B,)) -> (B,) such as a reward model's score,
-    also its values as "rewards".
+    `samples` holds the first `n_samples` (prompt, response, gold) for printing. `per_sample`
+    adds every sample's gold and correctness as arrays "golds" and "correct" (world prompts), in
+    prompt order with a prompt's repeats side by side, and "rewards" given `reward`. `records`
+    adds "records": one dict per response (prompt, response, greedy, length, ended and, where
+    known, kl, reward, gold, correct), the lines of samples.jsonl. `desc` shows a progress bar.
     """
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    prompts = [lookup(p) for p in prompts for _ in range(repeats)]
-    golds, accs, lengths, ends, kls, samples, rewards = [], [], [], [], [], [], []
+    texts = [p.text if isinstance(p, Prompt) else p for p in prompts for _ in range(repeats)]
+    golds, accs, lengths, ends, kls, samples, rewards, recs = [], [], [], [], [], [], [], []
     was_training = policy.training
     policy.eval()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        g = generate(policy, [tokenizer.render_prompt(p.text) for p in chunk], max_new_tokens,
-                     eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id, temperature=temperature,
-                     generator=gen)
+    bar = tqdm(total=len(texts), desc=desc, disable=None if desc else True, leave=False)
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        rendered = [tokenizer.render_prompt(p) for p in chunk]
+        budget = min(max_new_tokens, policy.config.block_size - max(map(len, rendered)))
+        if budget < 1:  # a prompt of your own data may leave less room than --max-new-tokens
+            raise ValueError(f"an evaluation prompt of {max(map(len, rendered))} tokens leaves "
+                             f"no room for a response in the block size")
+        g = generate(policy, rendered, budget, eos_id=tokenizer.end_id,
+                     pad_id=tokenizer.pad_id, temperature=temperature, generator=gen)
+        kl = reward_of = None
         if ref is not None and temperature == 1.0:
             with torch.no_grad():
                 ref_logits = ref(g.tokens, g.attn_mask)                              # (B, T, V)
             ref_logp = token_logprobs(ref_logits[:, :-1].float(), g.tokens[:, 1:])  # (B, T-1)
             mask = g.response_mask[:, 1:]
-            kl = torch.where(mask, g.logprobs[:, 1:] - ref_logp, 0.0).sum(-1)       # (B,)
-            kls += kl.tolist()
+            kl = torch.where(mask, g.logprobs[:, 1:] - ref_logp, 0.0).sum(-1).tolist()  # (B,)
+            kls += kl
         if reward is not None:
             with torch.no_grad():
-                rewards += reward(g.tokens, g.attn_mask, g.ended).float().tolist()
-        for p, ids, ended in zip(chunk, g.responses(), g.ended.tolist()):
-            text = tokenizer.decode(ids)
-            golds.append(gold_reward(p, text, ended))
-            accs.append(float(correct(p, text)))
+                reward_of = reward(g.tokens, g.attn_mask, g.ended).float().tolist()
+            rewards += reward_of
+        for j, (p, ids, ended) in enumerate(zip(chunk, g.responses(), g.ended.tolist())):
+            rec = {"prompt": p, "response": tokenizer.decode(ids), "greedy": temperature == 0,
+                   "length": len(ids), "ended": bool(ended)}
+            rec.update({} if kl is None else {"kl": kl[j]})
+            rec.update({} if reward_of is None else {"reward": reward_of[j]})
             lengths.append(len(ids))
             ends.append(float(ended))
+            if is_world_prompt(p):  # the gold judge knows the world's prompts only
+                rec["gold"] = gold_reward(p, rec["response"], ended)
+                rec["correct"] = correct(p, rec["response"])
+                golds.append(rec["gold"])
+                accs.append(float(rec["correct"]))
             if len(samples) < n_samples:
-                samples.append({"prompt": p.text, "response": text, "gold": golds[-1]})
+                samples.append({"prompt": p, "response": rec["response"],
+                                "gold": rec.get("gold")})
+            recs.append(rec)
+        bar.update(len(chunk))
+    bar.close()
     policy.train(was_training)
-    out = {"gold": float(np.mean(golds)), "accuracy": float(np.mean(accs)),
-           "length": float(np.mean(lengths)), "ended": float(np.mean(ends)), "n": len(golds),
-           "optimum": float(np.mean([optimal_score(p) for p in prompts]))}
+    out = {"length": float(np.mean(lengths)), "ended": float(np.mean(ends)), "n": len(texts)}
+    if golds:
+        world_prompts = [p for p in texts if is_world_prompt(p)]
+        out = {"gold": float(np.mean(golds)), "accuracy": float(np.mean(accs)), **out,
+               "optimum": float(np.mean([optimal_score(p) for p in world_prompts]))}
+        if len(golds) < len(texts):
+            out["n_judged"] = len(golds)
     if kls:
         out["kl"] = float(np.mean(kls))
+    if rewards:
+        out["reward"] = float(np.mean(rewards))
     if n_samples:
         out["samples"] = samples
     if per_sample:
         out["golds"], out["correct"] = np.array(golds), np.array(accs)
         if reward is not None:
             out["rewards"] = np.array(rewards)
+    if records:
+        out["records"] = recs
     return out
 
 
 def final_evaluation(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
-                temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                repeats: int = 16) -> dict:
+                     reward=None, temperature: float = 1.0, max_new_tokens: int = 64,
+                     seed: int = 0, repeats: int = 16, out_dir: str | None = None) -> dict:
     """The final evaluation every stage prints: `repeats` samples per prompt at `temperature`
-    (KL to `ref` included) and greedy decoding. Returns {"sampled": {...}, "greedy": {...}}.
-    16 samples for each of the 152 test prompts: the sampled gold's standard error is ~0.007
-    (measured from the spread within prompts), so a gap-closed figure moves by ~1.5 points
-    between evaluation seeds; with 4 samples it moved by ~3."""
-    out = {}
+    (KL to `ref` included) and greedy decoding. Returns {"sampled": {...}, "greedy": {...}}
+    and, given `out_dir`, writes every response to OUT/samples.jsonl (`write_samples`).
+    16 samples for each of the 152 test prompts: the sampled gold's standard error is ~0.007,
+    so a gap-closed figure moves by ~1.5 points between evaluation seeds (docs/results.md)."""
+    out, lines = {}, []
     for name, temp in (("sampled", temperature), ("greedy", 0.0)):
         r = evaluate(policy, tokenizer, prompts, ref=ref if temp == 1.0 else None,
-                     temperature=temp, max_new_tokens=max_new_tokens, seed=seed,
-                     repeats=repeats if temp > 0 else 1)
-        print(f"test ({name}, T={temp:g}): gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | "
-              f"length {r['length']:.1f} | ended {r['ended']:.3f} | optimum {r['optimum']:.2f}"
-              + (f" | kl {r['kl']:.2f}" if "kl" in r else ""), flush=True)
+                     reward=reward, temperature=temp, max_new_tokens=max_new_tokens, seed=seed,
+                     repeats=repeats if temp > 0 else 1, records=True, desc=f"eval {name}")
+        lines += r.pop("records")
+        judged = (f"gold {r['gold']:.3f} | accuracy {r['accuracy']:.3f} | " if "gold" in r
+                  else "")
+        print(f"test ({name}, T={temp:g}): {judged}length {r['length']:.1f} | ended "
+              f"{r['ended']:.3f}" + (f" | optimum {r['optimum']:.2f}" if "optimum" in r else "")
+              + (f" | kl {r['kl']:.2f}" if "kl" in r else "")
+              + (f" | reward {r['reward']:+.3f}" if "reward" in r else ""), flush=True)
         out[name] = r
+    if out_dir is not None:
+        write_samples(out_dir, lines)
     return out
+
+
+def write_samples(out_dir: str, records: list[dict], step: int | None = None) -> str:
+    """OUT/samples.jsonl: one line per response (prompt, response, greedy, length, ended, and
+    where known kl, reward, gold, correct; `step` when given), written atomically."""
+    path = os.path.join(out_dir, "samples.jsonl")
+    write_jsonl(path, [r if step is None else {"step": step, **r} for r in records])
+    return path
 
 
 def tilt(scores: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -153,3 +200,39 @@ def kl_optimum(policy, tokenizer, prompts: Sequence[PromptLike], betas: Sequence
         if reward is not None:
             out[-1]["reward_model"] = point(r["rewards"].reshape(-1, K), beta)
     return out
+
+
+def evaluation_prompts(path: str | None, training_prompts: list[str], held_out: list[str], tok,
+                       max_len: int, seed: int) -> tuple[list[str], str]:
+    """The prompts a stage is judged on at its end, and a line saying where they come from:
+    --eval-prompts FILE when given; else the built-in world's test prompts when every training
+    prompt is one of the world's; else `held_out`, prompts of data the stage did not train on
+    (each once). `max_len`: the longest prompt, in tokens, that leaves room for a response."""
+    if path:
+        rows = read_prompts(path, tok, max_len)
+        return [r["prompt"] for r in rows], f"{path} ({len(rows)} prompts)"
+    if all(is_world_prompt(p) for p in training_prompts):
+        test = [p.text for p in World(seed).test_prompts]
+        return test, f"the built-in world's test prompts ({len(test)})"
+    held = list(dict.fromkeys(held_out))
+    if not held:
+        raise ValueError("no prompts to evaluate on: pass --eval-prompts FILE")
+    return held, f"{len(held)} prompts held out from the training data"
+
+
+def reward_model_scorer(reward_model, device, no_end_penalty: float = 0.0):
+    """`evaluate`'s reward: the reward model's score r_φ(x, y) of each sampled response, plus
+    `no_end_penalty` for a response that never ended (as PPO's rollout scores it)."""
+    def score(tokens, attn_mask, ended):
+        with autocast(device):
+            r = reward_model.score(tokens, attn_mask).float()                       # (B,)
+        return r + no_end_penalty * (~ended).float()
+    return score
+
+
+def stage_scorer(path: str, tok, device):
+    """`reward_model_scorer` of the reward model in a stage folder (a stage's --rm flag)."""
+    reward_model, rm_tok, _ = load_stage(path, "scalar", device)
+    if rm_tok.fingerprint() != tok.fingerprint():
+        raise CheckpointError(f"--rm {path}: the reward model uses another tokenizer")
+    return reward_model_scorer(reward_model.eval(), device)
