@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from minirlhf.checkpoint import CheckpointError, load_stage
 from minirlhf.config import check_ranges, parse_config
@@ -316,12 +317,15 @@ def precompute_reference(ref, pairs, tok, device, batch_size=256) -> torch.Tenso
     result = torch.empty(len(pairs), 2)
     chunk: list[int] = []
     groups = pair_groups(pairs)
+    bar = tqdm(total=len(pairs), desc="reference log-probs", leave=False, disable=None)
     for j, g in enumerate(groups):
         chunk += g
         if len(chunk) >= batch_size or j == len(groups) - 1:
             c, r = response_logprobs(ref, [pairs[i] for i in chunk], tok, device)
             result[chunk] = torch.stack([c, r], dim=1).float().cpu()
+            bar.update(len(chunk))
             chunk = []
+    bar.close()
     return result
 
 

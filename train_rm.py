@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
                                  load_stage, model_from_checkpoint)
@@ -255,6 +256,7 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     rows, barren, cursor = [], 0, 0
     order = [prompts[i] for i in rng.permutation(len(prompts))]
+    bar = tqdm(total=n_pairs, desc="pairs", leave=False, disable=None)  # on a terminal only
     while len(rows) < n_pairs:
         if barren >= 10:  # ten batches in a row without one usable pair: the policy is stuck
             raise PairsError(f"could not make {n_pairs} distinct ended pairs (made {len(rows)}): "
@@ -278,6 +280,8 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
                     chosen, rejected = label_pair(p, a, b, rng)
                     rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
         barren = barren + 1 if len(rows) == made else 0
+        bar.update(len(rows) - made)
+    bar.close()
     return rows
 
 
