@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, load_checkpoint,
-                                 load_stage, rng_state, save_stage, set_rng_state)
+from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, check_stage,
+                                 load_checkpoint, load_stage, rng_state, save_stage,
+                                 set_rng_state)
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, hold_out, read_prompts
 from minirlhf.device import autocast, maybe_compile
@@ -507,6 +508,7 @@ def resume(cfg: PPOConfig, tok, policy, policy_opt, value_model, value_opt, kl_c
     if not (cfg.resume and os.path.exists(ck_path)):
         return None
     ck = load_checkpoint(ck_path)
+    check_stage(ck, ck_path, "train_ppo.py")  # not another script's checkpoint
     check_compatible(ck, ck_path, model_config=policy.config, tokenizer=tok)
     policy.load_state_dict(ck["model"])
     policy_opt.load_state_dict(ck["optimizer"])

@@ -8,13 +8,17 @@
 Safety rules (docs/design.md, "Reliability"):
 - Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to disk,
   then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact.
+- Every byte is covered: after torch.save's bytes comes a trailer with their SHA-256, checked
+  before anything is unpickled, so a flipped byte anywhere is refused (torch.load ignores the
+  trailer). A checkpoint records the script that wrote it; --resume refuses another script's.
 - Loads use `torch.load(weights_only=True)`: only tensors, numbers, strings, lists and dicts are
-  ever unpickled, so a checkpoint cannot run code. A truncated, foreign or mismatched file gives
-  one clear `CheckpointError` naming the file.
+  ever unpickled, so a checkpoint cannot run code. A truncated, foreign, damaged, newer or
+  mismatched file gives one clear `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -26,7 +30,44 @@ from .errors import CheckpointError
 from .gpt2 import load_gpt2_stage
 from .model import GPT, GPTConfig, ScalarHeadModel
 
-FORMAT = "minirlhf-checkpoint-v1"
+FORMAT = "minirlhf-checkpoint-v1"  # the tag every minirlhf checkpoint carries
+VERSION = 2  # 2: + the writing script and a SHA-256 trailer; no version field: version 1
+REQUIRED = ("model_kind", "model_config", "model", "tokenizer", "step")
+STAGES = {"SFTConfig": "train_sft.py", "RMConfig": "train_rm.py", "PPOConfig": "train_ppo.py",
+          "DPOConfig": "train_dpo.py"}  # which script writes a checkpoint of each config
+
+
+TRAILER = b"\nminirlhf-sha256:"  # + 64 hex digits + newline, after torch.save's bytes
+
+
+def file_digest(path: str, end: int | None = None) -> str:
+    """SHA-256 of a file's first `end` bytes (all of them by default), read in 16 MiB blocks."""
+    h, left = hashlib.sha256(), end if end is not None else os.path.getsize(path)
+    with open(path, "rb") as f:
+        while left > 0:
+            block = f.read(min(left, 1 << 24))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def verify_file(path: str) -> bool:
+    """Check the trailer `atomic_torch_save` appends: the SHA-256 of every byte before it.
+    True if it matches, False if the file has no trailer (a version-1 file); a trailer that
+    does not match is a damaged file: CheckpointError."""
+    size = os.path.getsize(path)
+    n = len(TRAILER) + 65
+    with open(path, "rb") as f:
+        f.seek(max(0, size - n))
+        tail = f.read()
+    if not tail.startswith(TRAILER):
+        return False
+    if tail != TRAILER + file_digest(path, size - n).encode() + b"\n":
+        raise CheckpointError(f"{path}: damaged checkpoint: its bytes do not match the SHA-256 "
+                              f"written with them (a changed or corrupted byte)")
+    return True
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -35,6 +76,10 @@ def atomic_torch_save(obj, path: str) -> None:
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+        digest = file_digest(tmp)  # every byte torch.save wrote: verify_file checks it on load
+        with open(tmp, "ab") as f:
+            f.write(TRAILER + digest.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -77,6 +122,8 @@ def save_checkpoint(path: str, *, model, model_kind: str, config, tokenizer, ste
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
+        "version": VERSION,
+        "stage": STAGES.get(type(config).__name__),  # the script that wrote it (None: a tool)
         "model_kind": model_kind,
         "model_config": dataclasses.asdict(model.config),
         "model": state,
@@ -93,6 +140,7 @@ def save_checkpoint(path: str, *, model, model_kind: str, config, tokenizer, ste
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
+    checked = verify_file(path)  # the SHA-256 trailer, before anything is unpickled
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -101,7 +149,28 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                               f"saved by minirlhf): {reason}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a minirlhf checkpoint (format field missing)")
+    version = ck.get("version", 1)
+    if version not in (1, VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}; this minirlhf "
+                              f"reads versions 1 and {VERSION} (a newer minirlhf wrote it?)")
+    missing = [k for k in REQUIRED if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint: field {missing[0]!r} is missing")
+    if version >= 2 and not checked:
+        raise CheckpointError(f"{path}: damaged checkpoint: its SHA-256 trailer is missing")
+    unknown = set(ck["model_config"]) - {f.name for f in dataclasses.fields(GPTConfig)}
+    if unknown:
+        raise CheckpointError(f"{path}: model_config field {sorted(unknown)[0]!r} is unknown "
+                              f"to this minirlhf (written by a newer version?)")
     return ck
+
+
+def check_stage(ck: dict, path: str, script: str) -> None:
+    """Refuse, for --resume, a checkpoint that another script wrote."""
+    stage = ck.get("stage")
+    if stage is not None and stage != script:
+        raise CheckpointError(f"{path}: written by {stage}, not {script}: --resume continues a "
+                              f"run of the same script (pick another --out)")
 
 
 def check_compatible(ck: dict, path: str, *, model_config: GPTConfig | None = None,

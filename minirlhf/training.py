@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CHECKPOINT, check_compatible, load_checkpoint, rng_state, save_checkpoint,
-                         save_stage, set_rng_state)
+from .checkpoint import (CHECKPOINT, STAGES, check_compatible, check_stage, load_checkpoint,
+                         rng_state, save_checkpoint, save_stage, set_rng_state)
 from .errors import CheckpointError, NonFiniteError
 from .config import format_config
 from .device import resolve_device, set_precision, uses_bf16
@@ -272,7 +272,9 @@ def checkpoint_to_resume(cfg) -> dict | None:
     if not os.path.exists(path):
         print(f"no checkpoint at {path}: starting from scratch")
         return None
-    return load_checkpoint(path)
+    ck = load_checkpoint(path)
+    check_stage(ck, path, STAGES[type(cfg).__name__])  # not another script's checkpoint
+    return ck
 
 
 def resume_state(cfg, ck: dict | None, optimizer, model=None, tokenizer=None) -> int | None:

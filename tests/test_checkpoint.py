@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch
 
 from minirlhf.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
@@ -204,3 +205,102 @@ def test_writes_are_atomic(tmp_path, tok, monkeypatch):
     assert os.listdir(tmp_path) == ["ck.pt"]
     back = model_from_checkpoint(load_checkpoint(str(path)))
     assert torch.equal(back.lm_head.weight, first.lm_head.weight)
+
+
+# ------------------------------------------------------------------ integrity and provenance
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A checkpoint with weights, an optimizer state and a config, as a stage writes it."""
+    import dataclasses as dc
+    from minirlhf.checkpoint import save_checkpoint
+    from minirlhf.model import GPT, GPTConfig
+    from minirlhf.world import world_tokenizer
+    import train_sft
+    tok = world_tokenizer(512)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=1,
+                          n_embd=8))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opt.step()
+    path = str(tmp_path_factory.mktemp("ck") / "checkpoint.pt")
+    save_checkpoint(path, model=model, model_kind="gpt", config=dc.replace(
+        train_sft.SFTConfig()), tokenizer=tok, step=7, optimizer=opt)
+    return path
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_any_flipped_byte_is_refused(small_checkpoint, data):
+    """Flip one bit of any byte of the file (weights, optimizer state, config, zip headers, the
+    trailer itself): the load is refused with a CheckpointError, never accepted or crashing."""
+    from minirlhf.checkpoint import CheckpointError, load_checkpoint
+    raw = open(small_checkpoint, "rb").read()
+    i = data.draw(st.integers(0, len(raw) - 1))
+    bit = data.draw(st.integers(0, 7))
+    damaged = bytearray(raw)
+    damaged[i] ^= 1 << bit
+    path = small_checkpoint + f".flip{i}"
+    open(path, "wb").write(damaged)
+    try:
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+    finally:
+        os.remove(path)
+
+
+def test_a_truncated_file_is_refused_and_the_intact_one_loads(small_checkpoint, tmp_path):
+    from minirlhf.checkpoint import CheckpointError, load_checkpoint
+    raw = open(small_checkpoint, "rb").read()
+    assert load_checkpoint(small_checkpoint)["step"] == 7
+    for n in (0, 10, len(raw) // 2, len(raw) - 80, len(raw) - 1):
+        path = tmp_path / f"cut{n}.pt"
+        path.write_bytes(raw[:n])
+        with pytest.raises(CheckpointError):
+            load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda ck: ck.update(version=99), "version 99"),
+    (lambda ck: ck.pop("model"), "'model' is missing"),
+    (lambda ck: ck["model_config"].update(rope_theta=1e4), "'rope_theta' is unknown"),
+])
+def test_newer_or_incomplete_checkpoints_are_refused_in_one_line(small_checkpoint, tmp_path,
+                                                                 change, words):
+    """A well-formed file (its trailer right) whose contents this version cannot use."""
+    from minirlhf.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+    ck = load_checkpoint(small_checkpoint)
+    change(ck)
+    path = str(tmp_path / "changed.pt")
+    atomic_torch_save(ck, path)
+    with pytest.raises(CheckpointError, match=words) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_version_one_files_without_a_trailer_still_load(small_checkpoint, tmp_path):
+    """Checkpoints written before the trailer (no version field) load as they did."""
+    from minirlhf.checkpoint import CheckpointError, load_checkpoint
+    ck = load_checkpoint(small_checkpoint)
+    del ck["version"]
+    path = str(tmp_path / "v1.pt")
+    torch.save(ck, path)
+    assert load_checkpoint(path)["step"] == 7
+    ck["version"] = 2  # a version-2 file must carry its trailer
+    torch.save(ck, path)
+    with pytest.raises(CheckpointError, match="trailer is missing"):
+        load_checkpoint(path)
+
+
+def test_resume_refuses_another_scripts_checkpoint(small_checkpoint, tmp_path):
+    """The checkpoint names the script that wrote it; --resume with another script refuses it."""
+    import shutil
+    import train_dpo
+    from minirlhf.checkpoint import CheckpointError, load_checkpoint
+    from minirlhf.training import checkpoint_to_resume
+    assert load_checkpoint(small_checkpoint)["stage"] == "train_sft.py"
+    out = tmp_path / "dpo"
+    out.mkdir()
+    shutil.copy(small_checkpoint, out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="written by train_sft.py, not train_dpo.py"):
+        checkpoint_to_resume(train_dpo.DPOConfig(out=str(out), resume=True))
