@@ -43,8 +43,8 @@ from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
 from minirlhf.evaluate import final_evaluation
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, checkpoint_to_resume, distinct_rows, due,
-                               fail, lr_at, make_optimizer, optimizer_step, pad_batch,
+from minirlhf.training import (NonFiniteError, checkpoint_to_resume, distinct_rows, due, fail,
+                               lr_at, make_optimizer, open_log, optimizer_step, pad_batch,
                                pair_batches_from, pair_groups, progress_bar, resume_state,
                                save_run, set_lr, start_run, write_json)
 from minirlhf.world import World
@@ -153,6 +153,8 @@ class DPOConfig:
     val_data: str | None = None       # validation pairs (default: prefs_val.jsonl beside --data)
     test_data: str | None = None      # test pairs (default: prefs_test.jsonl beside --data)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    overwrite: bool = False           # start over in a used --out: its run files are replaced
+    verbose: bool = False             # print the whole config at start
     seed: int = 0                     # seeds data order and evaluation sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
@@ -212,7 +214,7 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     start = resume_state(cfg, ck, optimizer, policy, tok)  # the checkpoint's step; None: fresh
     fwd = maybe_compile(policy, device, cfg.compile)
     train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
     step = start or 0
     batches = pair_batches_from(step, train_pairs, cfg.seed, cfg.batch_size, dist)
 

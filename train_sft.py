@@ -39,8 +39,8 @@ from minirlhf.evaluate import evaluate, final_evaluation
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, batches_from, checkpoint_to_resume, due,
-                               epoch_batches, fail, lr_at, make_optimizer, optimizer_step,
+from minirlhf.training import (NonFiniteError, batches_from, checkpoint_to_resume, due,
+                               epoch_batches, fail, lr_at, make_optimizer, open_log, optimizer_step,
                                pad_batch, progress_bar, resume_state, save_run, set_lr, start_run,
                                write_json)
 from minirlhf.world import World, world_tokenizer
@@ -93,6 +93,8 @@ class SFTConfig:
     val_data: str | None = None       # validation JSONL; none = world val prompts, or 5% of --data
     init: str | None = None           # start from this stage folder's weights, or gpt2:DIR (GPT-2)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    overwrite: bool = False           # start over in a used --out: its run files are replaced
+    verbose: bool = False             # print the whole config at start
     seed: int = 0                     # seeds data order, initialisation and sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
@@ -156,7 +158,7 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
           f"{len(train_set)} training and {len(val_set)} validation examples", flush=True)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = resume_state(cfg, ck, optimizer)  # the checkpoint's step; None for a fresh run
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
     fwd = maybe_compile(model, device, cfg.compile)
     train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
     step = start or 0

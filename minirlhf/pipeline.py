@@ -3,6 +3,7 @@
 
     python -m minirlhf.pipeline --out out/pipeline             # ~10 min on 2 CPU cores
     python -m minirlhf.pipeline --out out/quick --quick        # tiny settings, under a minute
+    python -m minirlhf.pipeline --out out/pipeline --overwrite # start over in a used folder
     python -m minirlhf.pipeline --out out/pipeline --sweep     # + several β for PPO and DPO
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
@@ -36,7 +37,7 @@ from .config import OneLineParser
 from .report import draw_all
 from .checkpoint import load_stage
 from .device import autocast, resolve_device, set_precision
-from .training import write_json
+from .training import run_files, write_json
 from .evaluate import kl_optimum
 from .world import World
 from .world import stats as world_stats
@@ -89,6 +90,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="out/pipeline",
                         help="folder for every stage and the report")
     parser.add_argument("--quick", action="store_true", help="tiny settings, under a minute")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a used --out: every stage's run files are replaced")
+    parser.add_argument("--verbose", action="store_true",
+                        help="every stage prints its whole config at start")
     parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at several β")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -97,13 +102,20 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
+    used = [os.path.join(stage, name) for stage in MODULES
+            for name in run_files(os.path.join(args.out, stage))]
+    used += run_files(args.out, ("summary.json",))
+    if used and not args.overwrite:
+        parser.error(f"{args.out} already holds a pipeline run ({used[0]}); pass --overwrite to "
+                     f"start over")
     return args
 
 
 def stage_configs(args) -> dict:
     """Every stage's config, each reading the folders of the stages before it."""
     out = args.out
-    common = dict(device=args.device, precision=args.precision, seed=args.seed)
+    common = dict(device=args.device, precision=args.precision, seed=args.seed,
+                  overwrite=args.overwrite, verbose=args.verbose)
     shrink = quick if args.quick else (lambda c: c)
     ppo = shrink(train_ppo.PPOConfig(out=f"{out}/ppo", sft=f"{out}/sft", rm=f"{out}/rm",
                                      **common))

@@ -18,7 +18,8 @@ KEYS = {"world": {"demonstrators_gold", "optimum_gold", "n_test_prompts"},
 
 def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     """All stages run; summary.json holds every contract key with a finite number; each stage's
-    command line is printed; the four figures are written."""
+    command line is printed; the four figures are written. A second run into the same --out is
+    refused in one line naming --overwrite."""
     out = str(tmp_path / "run")
     summary = pipeline.main(["--out", out, "--quick", "--device", "cpu"])
     on_disk = json.load(open(os.path.join(out, "summary.json")))
@@ -49,6 +50,19 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
         assert os.path.getsize(path) > 1000
     for stage in ("sft", "rm", "ppo", "ppo_no_kl", "dpo"):
         assert os.path.exists(os.path.join(out, stage, "checkpoint.pt"))
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--out", out, "--quick", "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"python -m minirlhf.pipeline: error: {out} already holds a pipeline run "
+        f"(sft/checkpoint.pt); pass --overwrite to start over\n")
+
+
+def test_overwrite_and_verbose_reach_every_stage(tmp_path):
+    """--overwrite and --verbose are passed to every stage's config (a stage refuses a used
+    folder without --overwrite); without them the stages get neither."""
+    for flags, value in (([], False), (["--overwrite", "--verbose"], True)):
+        cfgs = pipeline.stage_configs(pipeline.parse_args(["--out", str(tmp_path)] + flags))
+        assert {(c.overwrite, c.verbose) for c in cfgs.values()} == {(value, value)}
 
 
 def test_command_line_lists_only_changed_flags():

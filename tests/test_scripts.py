@@ -15,6 +15,7 @@ import train_rm
 import train_sft
 from minirlhf import training
 from minirlhf.checkpoint import load_checkpoint, load_stage
+from minirlhf.config import format_config, parse_config
 from minirlhf.data import DataError
 from minirlhf.training import read_metrics
 from minirlhf.world import pair_label_prob
@@ -83,6 +84,38 @@ def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir):
     steps = [r["step"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))
              if r["split"] == "train"]
     assert steps == [20, 40, 60]
+
+
+def test_a_run_starts_with_one_line_and_writes_its_config(tmp_path, capsys, monkeypatch):
+    """A run prints one line before its work, not its config: the folder, the device and
+    precision, the length and where the config is. OUT/config.json holds the whole config before
+    the first step; --verbose prints every field as well."""
+    out = str(tmp_path / "sft")
+    argv = ["--out", out, "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-steps", "2",
+            "--n-examples", "64", "--batch-size", "16", "--n-show", "0", "--max-new-tokens", "8",
+            "--device", "cpu", "--precision", "fp32"]
+    seen = []
+    real = train_sft.forward_backward
+
+    def first_step(*args):  # what OUT holds when the first step starts
+        seen.append(sorted(os.listdir(out)))
+        return real(*args)
+    monkeypatch.setattr(train_sft, "forward_backward", first_step)
+    train_sft.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"train_sft.py: {out} | cpu, float32 | 2 steps | config: "
+                        f"{out}/config.json (--verbose prints it)")
+    assert lines[1].startswith("model: ")  # the next line is the run's own
+    assert "config.json" in seen[0] and "checkpoint.pt" not in seen[0]
+    cfg = parse_config(train_sft.SFTConfig, argv, "train_sft.py")
+    assert json.load(open(os.path.join(out, "config.json"))) == dataclasses.asdict(cfg)
+    train_sft.main(argv + ["--overwrite", "--verbose"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"train_sft.py: {out} | cpu, float32 | 2 steps | starting over "
+                        f"(--overwrite) | config: {out}/config.json")
+    dump = format_config(dataclasses.replace(cfg, overwrite=True, verbose=True))
+    assert lines[1:1 + len(dump.splitlines())] == dump.splitlines()
+    assert "  verbose          = True" in lines
 
 
 RM = dict(make_pairs=True, n_pairs=48, n_val_pairs=16, n_test_pairs=32, max_new_tokens=32,
@@ -163,6 +196,27 @@ def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir,
     monkeypatch.undo()
     train_rm.train(dataclasses.replace(cfg, resume=True))
     assert same_weights(os.path.join(out, "checkpoint.pt"), os.path.join(reference, "checkpoint.pt"))
+
+
+def test_rm_pairs_only_then_training_into_the_same_folder(tmp_path, sft_dir, capsys):
+    """Preference files written by --pairs-only do not make a folder a used run: training on
+    OUT/prefs.jsonl into the same OUT starts without --overwrite (and keeps the pairs); a second
+    training run there is refused in one line."""
+    out = str(tmp_path / "rm")
+    train_rm.train(train_rm.RMConfig(out=out, sft=sft_dir, **{**RM, "pairs_only": True}))
+    assert sorted(os.listdir(out)) == ["prefs.jsonl", "prefs_test.jsonl", "prefs_val.jsonl"]
+    pairs = open(os.path.join(out, "prefs.jsonl")).read()
+    argv = ["--sft", sft_dir, "--data", os.path.join(out, "prefs.jsonl"), "--out", out,
+            "--max-steps", "4", "--batch-size", "8", "--eval-every", "2", "--device", "cpu"]
+    train_rm.main(argv)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 4
+    assert open(os.path.join(out, "prefs.jsonl")).read() == pairs
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_rm.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"train_rm.py: error: {out} already holds a run (checkpoint.pt); pass --resume to "
+        f"continue it or --overwrite to start over\n")
 
 
 PPO = dict(iterations=4, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=32,
