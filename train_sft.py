@@ -11,9 +11,11 @@ to predict the response tokens only; prompt and padding positions are ignored. F
 built-in world it learns the chat format, the five task tables and the demonstrators' styles —
 and their mistakes, which is what the later stages fix.
 
-Writes OUT/checkpoint.pt (+ tokenizer.tiktoken, config.json), OUT/metrics.jsonl and, at the end,
-OUT/eval.json: gold score and accuracy on the held-out test prompts, sampled at temperature 1 and
-greedily. `--explain` prints the lecture's token-by-token view of the loss for one example.
+Writes OUT/checkpoint.pt (+ tokenizer.tiktoken, config.json), OUT/best.pt (the model of the lowest
+validation loss; checkpoint.pt is the latest), OUT/metrics.jsonl and, at the end, OUT/eval.json:
+gold score and accuracy on the held-out test prompts, sampled at temperature 1 and greedily, and
+the best validation step. `--explain` prints the lecture's token-by-token view of the loss for
+one example.
 
 Left out on purpose: packing several examples into one sequence, LoRA, multi-turn loss masks.
 """
@@ -159,6 +161,7 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = resume_state(cfg, ck, optimizer)  # the checkpoint's step; None for a fresh run
     log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
+    best = best_so_far(ck)  # the step and loss of the lowest validation loss: OUT/best.pt
     fwd = maybe_compile(model, device, cfg.compile)
     train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
     step = start or 0
@@ -184,16 +187,17 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
             tok_s = all_reduce_sum(tokens_seen, dist) / step_seconds
             log_train(log, step, loss, accuracy, lr, grad_norm, tok_s, dist)
         if due(step, cfg.eval_every, cfg.max_steps):  # every process; rank 0 prints and writes
-            val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
-            print(f"step {step:5d} | val loss {val:.4f}", flush=True)
-            log.write(step, split="val", loss=val)
+            best = validate(fwd, val_set, tok, device, cfg, step, log, best)
+            if dist.is_main and best["best_step"] == step:  # best.pt: the lowest val loss yet
+                save_run(cfg, step, model, optimizer, tok, extra=best,
+                         path=os.path.join(cfg.out, "best.pt"))
             show_samples(model, tok, world, cfg, step)
         if dist.is_main and due(step, cfg.ckpt_every, cfg.max_steps):
-            save_run(cfg, step, model, optimizer, tok)
+            save_run(cfg, step, model, optimizer, tok, extra=best)  # the latest, for --resume
     bar.close()
 
     # --- evaluation on held-out test prompts: sampled (temperature 1) and greedy ---
-    result = {"train_seconds": time.time() - t0}
+    result = {"train_seconds": time.time() - t0, **best}
     if cfg.data is None and dist.is_main:
         model.eval()
         result.update(final_evaluation(model, tok, world.test_prompts, seed=cfg.seed,
@@ -299,6 +303,27 @@ def log_train(log, step, loss, accuracy, lr, grad_norm, tok_s, dist):
           f"lr {lr:.2e} | grad norm {float(grad_norm):.2f} | {tok_s:,.0f} tok/s", flush=True)
     log.write(step, split="train", loss=means["loss"], token_accuracy=means["acc"], lr=lr,
               grad_norm=float(grad_norm))
+
+
+def best_so_far(ck: dict | None) -> dict:
+    """{"best_step", "best_val_loss"}: the step whose model OUT/best.pt holds and its
+    validation loss; a resumed run's from its checkpoint, None before the first evaluation."""
+    extra = ck["extra"] if ck is not None else {}
+    return {"best_step": extra.get("best_step"), "best_val_loss": extra.get("best_val_loss")}
+
+
+def validate(fwd, val_set, tok, device, cfg: SFTConfig, step: int, log, best: dict) -> dict:
+    """Print and log the validation loss; return `best` (`best_so_far`), moved to this step if
+    its loss is the lowest yet. Like the reward model's best.pt (train_rm.py): checkpoint.pt
+    stays the latest model, which --resume continues and the final evaluation uses."""
+    val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
+    if best["best_val_loss"] is None or val < best["best_val_loss"]:
+        best = {"best_step": step, "best_val_loss": val}
+    note = ("lowest yet: best.pt" if best["best_step"] == step else
+            f"best {best['best_val_loss']:.4f} at step {best['best_step']}")
+    print(f"step {step:5d} | val loss {val:.4f} ({note})", flush=True)
+    log.write(step, split="val", loss=val)
+    return best
 
 
 @torch.no_grad()

@@ -118,6 +118,36 @@ def test_a_run_starts_with_one_line_and_writes_its_config(tmp_path, capsys, monk
     assert "  verbose          = True" in lines
 
 
+def test_sft_keeps_the_model_of_the_lowest_validation_loss_in_best_pt(tmp_path, monkeypatch):
+    """OUT/best.pt holds the model of the evaluation with the lowest validation loss (here the
+    second of three), while checkpoint.pt stays the latest; eval.json names that step and its
+    loss, as the validation rows of metrics.jsonl have them."""
+    val_losses = iter([3.0, 1.0, 2.0])
+    real_loss, real_save, saved = train_sft.validation_loss, train_sft.save_run, {}
+    monkeypatch.setattr(train_sft, "validation_loss",
+                        lambda *args: (real_loss(*args), next(val_losses))[1])
+
+    def save_run(cfg, step, model, *args, **kwargs):  # the weights of every checkpoint.pt
+        real_save(cfg, step, model, *args, **kwargs)
+        if kwargs.get("path") is None:
+            saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(train_sft, "save_run", save_run)
+    out = str(tmp_path / "sft")
+    train_sft.train(train_sft.SFTConfig(out=out, **{**TINY_SFT, "max_steps": 6, "eval_every": 2,
+                                                    "ckpt_every": 2, "n_show": 0}))
+    best, last = (load_checkpoint(os.path.join(out, n)) for n in ("best.pt", "checkpoint.pt"))
+    assert best["step"] == 4 and last["step"] == 6
+    assert all(torch.equal(best["model"][k], saved[4][k]) for k in saved[4])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in saved[4])
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert (ev["best_step"], ev["best_val_loss"]) == (4, 1.0)
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [(r["step"], r["loss"]) for r in rows if r["split"] == "val"] == [(2, 3.0), (4, 1.0),
+                                                                            (6, 2.0)]
+    model, _, ck = load_stage(os.path.join(out, "best.pt"), "gpt")  # a stage file like any other
+    assert ck["extra"] == {"best_step": 4, "best_val_loss": 1.0}
+
+
 RM = dict(make_pairs=True, n_pairs=48, n_val_pairs=16, n_test_pairs=32, max_new_tokens=32,
           max_steps=8, batch_size=8, eval_every=4, patience=5, device="cpu")
 
