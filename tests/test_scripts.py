@@ -16,7 +16,7 @@ import train_sft
 from minirlhf import training
 from minirlhf.checkpoint import load_checkpoint, load_stage
 from minirlhf.config import format_config, parse_config
-from minirlhf.data import DataError
+from minirlhf.data import DataError, read_prefs
 from minirlhf.training import read_metrics
 from minirlhf.world import pair_label_prob
 
@@ -323,6 +323,39 @@ def test_dpo_trains_and_resumes(tmp_path, monkeypatch, sft_dir, rm_dir):
     monkeypatch.undo()
     train_dpo.train(dataclasses.replace(cut, resume=True))
     assert same_weights(str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt"))
+
+
+def test_dpo_logs_its_loss_and_rpo_term_apart(tmp_path, capsys, sft_dir, rm_dir):
+    """Train and val rows of metrics.jsonl hold the DPO term ("dpo_loss") and the chosen
+    responses' per-token NLL ("rpo_nll") beside the total, loss = dpo_loss + α·rpo_nll in both;
+    the val row's terms are those of the validation pairs under the model of that step, and the
+    printed line shows the parts."""
+    out = str(tmp_path / "dpo")
+    cfg = train_dpo.DPOConfig(out=out, sft=sft_dir, data=os.path.join(rm_dir, "prefs.jsonl"),
+                              precision="fp32", **{**DPO, "max_steps": 4, "ckpt_every": 2,
+                                                   "eval_every": 2})
+    train_dpo.train(cfg)
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert {(r["step"], r["split"]) for r in rows} == {(s, t) for s in (2, 4)
+                                                       for t in ("train", "val")}
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["dpo_loss"] + cfg.rpo_alpha * r["rpo_nll"], rel=1e-5)
+        assert 0 < r["dpo_loss"] < r["loss"] and r["rpo_nll"] > 0
+    policy, tok, ck = load_stage(out, "gpt")  # the model of step 4, validated at step 4
+    ref, _, _ = load_stage(sft_dir, "gpt")
+    pairs = train_dpo.encode_pairs(read_prefs(os.path.join(rm_dir, "prefs_val.jsonl")), tok)
+    with torch.no_grad():
+        c, r = train_dpo.response_logprobs(policy, pairs, tok, "cpu")
+        ref_c, ref_r = train_dpo.response_logprobs(ref, pairs, tok, "cpu")
+    margin = (c - ref_c) - (r - ref_r)
+    n_tokens = sum(len(w) - n for w, _, n in pairs)
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert val["rpo_nll"] == pytest.approx(-c.sum().item() / n_tokens, rel=1e-4)
+    assert val["dpo_loss"] == pytest.approx(
+        -torch.nn.functional.logsigmoid(cfg.beta * margin).mean().item(), rel=1e-4)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert f"loss {rows[-2]['loss']:.4f} = dpo {rows[-2]['dpo_loss']:.4f} + 2·nll" in printed[-1]
+    assert f"val loss {val['loss']:.4f} = dpo {val['dpo_loss']:.4f} + 2·nll" in printed[-1]
 
 
 def test_explain_prints_each_token(sft_dir, capsys):
