@@ -364,6 +364,9 @@ def explain(folder: str, prompt: str, response: str, color: bool | None = None) 
     model, tok, _ = load_stage(folder, "gpt")
     model.eval()
     ids, n_prompt = tok.render(prompt, response)
+    if len(ids) > model.config.block_size:
+        raise ValueError(f"prompt and response are {len(ids)} tokens; this model reads at most "
+                         f"{model.config.block_size} (its block size)")
     tokens = torch.tensor([ids])
     with torch.no_grad():
         logits = model(tokens)                                                      # (1, T, V)
@@ -397,7 +400,7 @@ def main(argv=None):
             fail(prog, 'usage: train_sft.py --explain OUT "prompt" "response"')
         try:
             explain(*argv[1:])
-        except (CheckpointError, TokenizerError) as e:
+        except (CheckpointError, TokenizerError, ValueError) as e:  # ValueError: too long
             fail(prog, str(e))
         return
     cfg = parse_config(SFTConfig, argv, prog, description=__doc__.split("\n\n")[0] +

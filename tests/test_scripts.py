@@ -372,6 +372,17 @@ def test_explain_prints_each_token(sft_dir, capsys):
     assert all(abs(r["p"] - torch.exp(torch.tensor(-r["loss"])).item()) < 1e-6 for r in rows)
 
 
+def test_explain_refuses_an_example_longer_than_the_model_reads(sft_dir, capsys):
+    """--explain with a response past the block size ends in one line saying so, not a
+    traceback."""
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--explain", sft_dir, "What is 3 plus 4?", "seven " * 100])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("train_sft.py: error: prompt and response are ")
+    assert err.endswith("tokens; this model reads at most 96 (its block size)\n")
+
+
 def test_sft_starts_from_a_tokenizer_trained_on_your_text(tmp_path):
     """train_sft.py --tokenizer DIR builds its model on that tokenizer (and saves it beside the
     checkpoint); --tokenizer with --init is refused, since both would choose the tokenizer."""
