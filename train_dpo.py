@@ -44,8 +44,8 @@ from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
 from minirlhf.evaluate import evaluation_prompts, final_evaluation, stage_scorer
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, checkpoint_to_resume, distinct_rows, due,
-                               fail, lr_at, make_optimizer, optimizer_step, pad_batch,
+from minirlhf.training import (NonFiniteError, checkpoint_to_resume, distinct_rows, due, fail,
+                               lr_at, make_optimizer, open_log, optimizer_step, pad_batch,
                                pair_batches_from, pair_groups, progress_bar, resume_state,
                                save_run, set_lr, start_run, write_json)
 
@@ -81,14 +81,16 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
     rpo_alpha: α of RPO (Pang et al. 2024): adds α·NLL(y_w), the chosen responses' negative
         log-likelihood as a token mean over the batch (train_sft.py's loss on the chosen
         responses), so that pushing y_l down cannot drag y_w down with it
-    chosen_tokens: (B,) response tokens of each y_w (needed when rpo_alpha > 0)
+    chosen_tokens: (B,) response tokens of each y_w (needed when rpo_alpha > 0; given, the NLL
+        is measured, and reported in stats, also when α = 0)
     nll_norm: what the NLL's sum is divided by, default chosen_tokens.sum(); under torchrun the
         whole batch's count over the number of processes, so that averaging the processes'
         gradients gives the whole batch's token mean
-    returns loss (scalar), stats {"loss", "chosen_reward", "rejected_reward", "accuracy",
-        "margin", "nll"}: batch means of the implicit rewards β·log π_θ/π_ref of (2) without
-        β·log Z, the fraction of pairs with chosen reward > rejected reward, their difference
-        β·m, and the per-token NLL of y_w (0 without rpo_alpha).
+    returns loss (scalar), stats {"loss", "dpo_loss", "chosen_reward", "rejected_reward",
+        "accuracy", "margin", "nll"}: the loss, its DPO term alone (loss = dpo_loss + α·nll),
+        batch means of the implicit rewards β·log π_θ/π_ref of (2) without β·log Z, the
+        fraction of pairs with chosen reward > rejected reward, their difference β·m, and the
+        per-token NLL of y_w (0 without chosen_tokens).
 
     Here m = (log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l)).
     """
@@ -104,19 +106,21 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
         losses = (margin - 1 / (2 * beta)) ** 2  # (B,) IPO, Azar et al. 2023
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
-    loss = losses.mean()
+    loss = dpo_term = losses.mean()
     nll = loss.new_zeros(())
-    if rpo_alpha:
-        if chosen_tokens is None:
-            raise ValueError("rpo_alpha needs chosen_tokens, the length of each chosen response")
+    if rpo_alpha and chosen_tokens is None:
+        raise ValueError("rpo_alpha needs chosen_tokens, the length of each chosen response")
+    if chosen_tokens is not None:
         norm = chosen_tokens.sum() if nll_norm is None else nll_norm
         nll = -policy_chosen_logp.sum() / norm  # NLL(y_w), a token mean as in SFT
+    if rpo_alpha:
         loss = loss + rpo_alpha * nll  # L_RPO = L_DPO + α·NLL(y_w), Pang et al. 2024
     with torch.no_grad():
         chosen_reward = beta * chosen_logratio  # (B,) r̂(y_w) = β log π_θ/π_ref, step (2) / eq. 5
         rejected_reward = beta * rejected_logratio  # (B,) r̂(y_l)
         stats = {
             "loss": loss.detach(),
+            "dpo_loss": dpo_term.detach(),
             "chosen_reward": chosen_reward.mean(),
             "rejected_reward": rejected_reward.mean(),
             "accuracy": (chosen_reward > rejected_reward).float().mean(),
@@ -153,6 +157,8 @@ class DPOConfig:
     val_data: str | None = None       # validation pairs (default: prefs_val.jsonl beside --data)
     test_data: str | None = None      # test pairs (default: prefs_test.jsonl beside --data)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    overwrite: bool = False           # start over in a used --out: its run files are replaced
+    verbose: bool = False             # print the whole config at start
     seed: int = 0                     # seeds data order and evaluation sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
@@ -216,7 +222,7 @@ def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     start = resume_state(cfg, ck, optimizer, policy, tok)  # the checkpoint's step; None: fresh
     fwd = maybe_compile(policy, device, cfg.compile)
     train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
     step = start or 0
     batches = pair_batches_from(step, train_pairs, cfg.seed, cfg.batch_size, dist)
 
@@ -339,36 +345,48 @@ def chosen_lengths(pairs, device, dist) -> tuple[torch.Tensor, float]:
 
 @torch.no_grad()
 def evaluate_pairs(policy, pairs, ref_logp, tok, cfg, device, batch_size=256) -> dict:
-    """Implicit-reward accuracy and loss of the policy on held-out pairs."""
+    """The loss on held-out pairs as training takes it, and its parts: "loss" = "dpo_loss" +
+    α·"rpo_nll" (the DPO term a mean over pairs, the chosen responses' NLL a mean over all their
+    tokens), and the implicit-reward "accuracy" and "margin"."""
     policy.eval()
-    losses, accs, margins, n = 0.0, 0.0, 0.0, 0
+    dpo, accs, margins, nll_sum, n_tokens = 0.0, 0.0, 0.0, 0.0, 0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         c, r = response_logprobs(policy, chunk, tok, device)
         ref_c, ref_r = ref_logp[i:i + batch_size].to(device).unbind(1)
-        loss, stats = dpo_loss(c, r, ref_c, ref_r, cfg.beta, cfg.label_smoothing, cfg.loss_type)
-        losses += loss.item() * len(chunk)
+        _, stats = dpo_loss(c, r, ref_c, ref_r, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        dpo += stats["dpo_loss"].item() * len(chunk)
         accs += stats["accuracy"].item() * len(chunk)
         margins += stats["margin"].item() * len(chunk)
-        n += len(chunk)
+        nll_sum -= c.sum().item()  # −Σ log π_θ(y_w|x): RPO's NLL before its token mean
+        n_tokens += sum(len(w) - n_prompt for w, _, n_prompt in chunk)
     policy.train()
-    return {"loss": losses / n, "accuracy": accs / n, "margin": margins / n}
+    dpo, nll = dpo / len(pairs), nll_sum / n_tokens
+    return {"loss": dpo + cfg.rpo_alpha * nll, "dpo_loss": dpo, "rpo_nll": nll,
+            "accuracy": accs / len(pairs), "margin": margins / len(pairs)}
 
 
 def validate(policy, val_pairs, ref_val, stats, lr, step, log, tok, cfg, dist) -> None:
-    """Print and log the training batch's implicit rewards and the validation pairs' accuracy
-    and loss (every process evaluates, rank 0 prints and writes)."""
+    """Print and log the training batch's loss, its parts and implicit rewards, and the same on
+    the validation pairs (every process evaluates, rank 0 prints and writes). "loss" is the
+    total, dpo_loss + α·rpo_nll, in both rows."""
     means = mean_over_ranks({k: v.item() for k, v in stats.items()}, dist)  # the whole batch's
     val = evaluate_pairs(policy, val_pairs, ref_val, tok, cfg, dist.device, cfg.batch_size)
-    print(f"step {step:5d} | loss {means['loss']:.4f} | implicit acc "
-          f"{means['accuracy']:.3f} | margin {means['margin']:+.3f} | "
-          f"chosen {means['chosen_reward']:+.3f} | rejected "
-          f"{means['rejected_reward']:+.3f} | val acc {val['accuracy']:.3f} | "
-          f"val loss {val['loss']:.4f} | lr {lr:.2e}", flush=True)
-    log.write(step, split="train", loss=means["loss"], accuracy=means["accuracy"],
-              margin=means["margin"], chosen_reward=means["chosen_reward"],
-              rejected_reward=means["rejected_reward"], lr=lr)
+    print(f"step {step:5d} | {loss_parts(means['loss'], means['dpo_loss'], means['nll'], cfg)} | "
+          f"implicit acc {means['accuracy']:.3f} | margin {means['margin']:+.3f} | "
+          f"chosen {means['chosen_reward']:+.3f} | rejected {means['rejected_reward']:+.3f} | "
+          f"val {loss_parts(val['loss'], val['dpo_loss'], val['rpo_nll'], cfg)} | "
+          f"val acc {val['accuracy']:.3f} | lr {lr:.2e}", flush=True)
+    log.write(step, split="train", loss=means["loss"], dpo_loss=means["dpo_loss"],
+              rpo_nll=means["nll"], accuracy=means["accuracy"], margin=means["margin"],
+              chosen_reward=means["chosen_reward"], rejected_reward=means["rejected_reward"],
+              lr=lr)
     log.write(step, split="val", **val)
+
+
+def loss_parts(loss: float, dpo: float, nll: float, cfg: DPOConfig) -> str:
+    """'loss 7.4812 = dpo 0.6931 + 2·nll 3.3941', the total and its two terms."""
+    return f"loss {loss:.4f} = dpo {dpo:.4f} + {cfg.rpo_alpha:g}·nll {nll:.4f}"
 
 
 def test_evaluation(cfg: DPOConfig, policy, ref, test_pairs, prompts, tok, device) -> dict:

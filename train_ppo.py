@@ -54,7 +54,7 @@ from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advanta
                          token_kl)
 from minirlhf.sampler import Generation, generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, check_finite, fail, make_optimizer,
+from minirlhf.training import (NonFiniteError, check_finite, fail, make_optimizer, open_log,
                                read_metrics, set_lr, start_run, write_json)
 from minirlhf.evaluate import (evaluate, evaluation_prompts, final_evaluation, reward_model_scorer,
                                write_samples)
@@ -203,6 +203,8 @@ class PPOConfig:
     rm: str = "out/rm"                # reward model stage (frozen)
     prompts: str | None = None        # prompts JSONL to train on; none = the world's train prompts
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    overwrite: bool = False           # start over in a used --out: its run files are replaced
+    verbose: bool = False             # print the whole config at start
     seed: int = 0                     # seeds prompt order, sampling, minibatch order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
@@ -412,7 +414,7 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     it = start or 0
     fwd = maybe_compile(policy, dist.device, cfg.compile)
     train_fwd, train_value = wrap(fwd, dist), wrap(value_model, dist)  # DDP under torchrun
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
     world, t_start = World(cfg.seed), time.time()
     bar = tqdm(total=cfg.iterations, initial=it, desc="ppo", disable=None if dist.is_main else True,
                leave=False)

@@ -49,10 +49,10 @@ from minirlhf.model import ScalarHeadModel
 from minirlhf.plots import plot_calibration
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, checkpoint_to_resume, distinct_rows, due,
-                               fail, lr_at, make_optimizer, optimizer_step, pad_batch,
-                               pair_batches_from, progress_bar, resume_state, save_run, set_lr,
-                               start_run, write_json)
+from minirlhf.training import (NonFiniteError, checkpoint_to_resume, clear_run, distinct_rows,
+                               due, fail, lr_at, make_optimizer, open_log, optimizer_step,
+                               pad_batch, pair_batches_from, progress_bar, resume_state, save_run,
+                               set_lr, start_run, write_json)
 from minirlhf.world import (World, bayes_accuracy, expected_accuracy, label_pair,
                             pair_label_prob, shortfall_by_kind)
 
@@ -117,6 +117,8 @@ class RMConfig:
     val_data: str | None = None       # validation pairs (default: OUT/prefs_val.jsonl if present)
     test_data: str | None = None      # test pairs (default: OUT/prefs_test.jsonl if present)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    overwrite: bool = False           # start over in a used --out: its run files are replaced
+    verbose: bool = False             # print the whole config at start
     seed: int = 0                     # seeds pair sampling, labels, data order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
@@ -183,7 +185,7 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     best, bad_evals = float("inf"), 0  # early stopping: best validation loss, evals since it
     if ck is not None:
         best, bad_evals = ck["extra"]["best_val_loss"], ck["extra"]["bad_evals"]
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
     step = start or 0
     batches = pair_batches_from(step, train_pairs, cfg.seed, cfg.batch_size, dist)
     train_score = wrap(rm, dist, "score")  # under torchrun DDP: backward averages gradients
@@ -297,12 +299,11 @@ def make_pairs_main(cfg: RMConfig, device) -> dict:
                               cfg.responses_per_prompt),
               "prefs_val.jsonl": (world.val_prompts, cfg.n_val_pairs, cfg.seed + 1, 2),
               "prefs_test.jsonl": (world.test_prompts, cfg.n_test_pairs, cfg.seed + 2, 2)}
-    counts = {}
-    for name, (prompts, n, seed, k) in splits.items():
-        rows = make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature,
-                          cfg.max_new_tokens, k)
-        write_jsonl(os.path.join(cfg.out, name), rows)
-        counts[name] = len(rows)
+    rows = {name: make_pairs(policy, tok, prompts, n, seed, cfg.pair_temperature,
+                             cfg.max_new_tokens, k)
+            for name, (prompts, n, seed, k) in splits.items()}
+    clear_run(cfg)  # --overwrite: the old run's files go before the new pairs join them
+    counts = {name: write_jsonl(os.path.join(cfg.out, name), r) for name, r in rows.items()}
     seconds = time.time() - t0
     print(f"wrote {counts} to {cfg.out} in {seconds:.1f}s", flush=True)
     return {"pairs": counts, "seconds": seconds}

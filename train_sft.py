@@ -11,9 +11,11 @@ to predict the response tokens only; prompt and padding positions are ignored. F
 built-in world it learns the chat format, the five task tables and the demonstrators' styles —
 and their mistakes, which is what the later stages fix.
 
-Writes OUT/checkpoint.pt (+ tokenizer.tiktoken, config.json), OUT/metrics.jsonl and, at the end,
-OUT/eval.json: gold score and accuracy on the held-out test prompts, sampled at temperature 1 and
-greedily. `--explain` prints the lecture's token-by-token view of the loss for one example.
+Writes OUT/checkpoint.pt (+ tokenizer.tiktoken, config.json), OUT/best.pt (the model of the lowest
+validation loss; checkpoint.pt is the latest), OUT/metrics.jsonl and, at the end, OUT/eval.json:
+gold score and accuracy on the held-out test prompts, sampled at temperature 1 and greedily, and
+the best validation step. `--explain` prints the lecture's token-by-token view of the loss for
+one example.
 
 Left out on purpose: packing several examples into one sequence, LoRA, multi-turn loss masks.
 """
@@ -39,8 +41,8 @@ from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, st
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, TokenizerError
-from minirlhf.training import (MetricsLog, NonFiniteError, batches_from, checkpoint_to_resume, due,
-                               epoch_batches, fail, lr_at, make_optimizer, optimizer_step,
+from minirlhf.training import (NonFiniteError, batches_from, checkpoint_to_resume, due,
+                               epoch_batches, fail, lr_at, make_optimizer, open_log, optimizer_step,
                                pad_batch, progress_bar, resume_state, save_run, set_lr, start_run,
                                write_json)
 from minirlhf.world import World, world_tokenizer
@@ -93,6 +95,8 @@ class SFTConfig:
     val_data: str | None = None       # validation JSONL; none = world val prompts, or 5% of --data
     init: str | None = None           # start from this stage folder's weights, or gpt2:DIR (GPT-2)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
+    overwrite: bool = False           # start over in a used --out: its run files are replaced
+    verbose: bool = False             # print the whole config at start
     seed: int = 0                     # seeds data order, initialisation and sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and bf16-native CPUs
@@ -160,7 +164,8 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
           f"{len(train_set)} training and {len(val_set)} validation examples", flush=True)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = resume_state(cfg, ck, optimizer)  # the checkpoint's step; None for a fresh run
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
+    best = best_so_far(ck)  # the step and loss of the lowest validation loss: OUT/best.pt
     fwd = maybe_compile(model, device, cfg.compile)
     train_fwd = wrap(fwd, dist)  # under torchrun DDP: backward averages gradients over processes
     step = start or 0
@@ -186,16 +191,17 @@ def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
             tok_s = all_reduce_sum(tokens_seen, dist) / step_seconds
             log_train(log, step, loss, accuracy, lr, grad_norm, tok_s, dist)
         if due(step, cfg.eval_every, cfg.max_steps):  # every process; rank 0 prints and writes
-            val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
-            print(f"step {step:5d} | val loss {val:.4f}", flush=True)
-            log.write(step, split="val", loss=val)
+            best = validate(fwd, val_set, tok, device, cfg, step, log, best)
+            if dist.is_main and best["best_step"] == step:  # best.pt: the lowest val loss yet
+                save_run(cfg, step, model, optimizer, tok, extra=best,
+                         path=os.path.join(cfg.out, "best.pt"))
             show_samples(model, tok, world, cfg, step)
         if dist.is_main and due(step, cfg.ckpt_every, cfg.max_steps):
-            save_run(cfg, step, model, optimizer, tok)
+            save_run(cfg, step, model, optimizer, tok, extra=best)  # the latest, for --resume
     bar.close()
 
     # --- evaluation on held-out prompts: sampled (temperature 1) and greedy ---
-    result = {"train_seconds": time.time() - t0}
+    result = {"train_seconds": time.time() - t0, **best}
     if dist.is_main:
         model.eval()
         result.update(held_out_evaluation(cfg, model, tok, prompts, device))
@@ -303,6 +309,27 @@ def log_train(log, step, loss, accuracy, lr, grad_norm, tok_s, dist):
               grad_norm=float(grad_norm))
 
 
+def best_so_far(ck: dict | None) -> dict:
+    """{"best_step", "best_val_loss"}: the step whose model OUT/best.pt holds and its
+    validation loss; a resumed run's from its checkpoint, None before the first evaluation."""
+    extra = ck["extra"] if ck is not None else {}
+    return {"best_step": extra.get("best_step"), "best_val_loss": extra.get("best_val_loss")}
+
+
+def validate(fwd, val_set, tok, device, cfg: SFTConfig, step: int, log, best: dict) -> dict:
+    """Print and log the validation loss; return `best` (`best_so_far`), moved to this step if
+    its loss is the lowest yet. Like the reward model's best.pt (train_rm.py): checkpoint.pt
+    stays the latest model, which --resume continues and the final evaluation uses."""
+    val = validation_loss(fwd, val_set, tok, device, cfg.batch_size)
+    if best["best_val_loss"] is None or val < best["best_val_loss"]:
+        best = {"best_step": step, "best_val_loss": val}
+    note = ("lowest yet: best.pt" if best["best_step"] == step else
+            f"best {best['best_val_loss']:.4f} at step {best['best_step']}")
+    print(f"step {step:5d} | val loss {val:.4f} ({note})", flush=True)
+    log.write(step, split="val", loss=val)
+    return best
+
+
 @torch.no_grad()
 def validation_loss(model, val, tok, device, batch_size=256) -> float:
     """L_SFT over the validation examples: a token mean, as in training."""
@@ -355,6 +382,9 @@ def explain(folder: str, prompt: str, response: str, color: bool | None = None) 
     model, tok, _ = load_stage(folder, "gpt")
     model.eval()
     ids, n_prompt = tok.render(prompt, response)
+    if len(ids) > model.config.block_size:
+        raise ValueError(f"prompt and response are {len(ids)} tokens; this model reads at most "
+                         f"{model.config.block_size} (its block size)")
     tokens = torch.tensor([ids])
     with torch.no_grad():
         logits = model(tokens)                                                      # (1, T, V)
@@ -388,7 +418,7 @@ def main(argv=None):
             fail(prog, 'usage: train_sft.py --explain OUT "prompt" "response"')
         try:
             explain(*argv[1:])
-        except (CheckpointError, TokenizerError) as e:
+        except (CheckpointError, TokenizerError, ValueError) as e:  # ValueError: too long
             fail(prog, str(e))
         return
     cfg = parse_config(SFTConfig, argv, prog, description=__doc__.split("\n\n")[0] +

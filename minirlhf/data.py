@@ -1,9 +1,10 @@
 """JSONL data files: read and validate SFT, preference and prompt files; write them atomically.
 
-    from minirlhf.data import read_sft, read_prefs, read_prompts, write_jsonl
+    from minirlhf.data import read_sft, read_prefs, read_prompts, read_scored, write_jsonl
     rows = read_sft("data/sft.jsonl", tokenizer=tok, max_len=72)   # [{"prompt", "completion"}]
     pairs = read_prefs("data/prefs.jsonl")                 # [{"prompt", "chosen", "rejected"}]
     prompts = read_prompts("data/prompts.jsonl")                    # [{"prompt"}]
+    scored = read_scored("data/score.jsonl")                        # responses or pairs to score
     write_jsonl("out/samples.jsonl", rows)                          # all rows or no file at all
 
 Formats (one JSON object a line, TRL's field names):
@@ -11,6 +12,8 @@ Formats (one JSON object a line, TRL's field names):
              or  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
     preferences  {"prompt": str, "chosen": str, "rejected": str}
     prompts      {"prompt": str}
+    to score     {"prompt": str, "response": str} ("completion" too) or a preference line, either
+                 kind on any line (python -m minirlhf.chat score)
 A `messages` line is turned into prompt/completion because the model's chat format is single-turn:
 the last message must be the assistant's and is the completion; the contents of all earlier turns
 (at least one of them from the user), in order and joined by a newline, are the prompt; roles are
@@ -56,6 +59,7 @@ from minirlhf.errors import DataError
 from minirlhf.tokenizer import ASSISTANT, HUMAN  # the turn markers of Anthropic HH dialogues
 
 ROLES = ("system", "user", "assistant")
+STDIN = "<stdin>"  # the path name of standard input (`read_scored("-")`)
 
 
 def _json_type(v: Any) -> str:
@@ -78,16 +82,18 @@ def _short(s: str, n: int = 40) -> str:
 
 
 def _lines(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; raises DataError on the first bad one."""
-    try:
-        f = open(path, "rb")  # bytes: a bad byte becomes our error, not a UnicodeDecodeError
+    """(line number, object) for every non-blank line; raises DataError on the first bad one.
+    path "<stdin>" reads standard input."""
+    try:  # bytes: a bad byte becomes our error, not a UnicodeDecodeError
+        source = (contextlib.nullcontext(sys.stdin.buffer) if path == STDIN
+                  else open(path, "rb"))
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except IsADirectoryError:
         raise DataError(path, "is a directory, not a JSONL file") from None
     except OSError as e:
         raise DataError(path, f"cannot open: {e.strerror}") from None
-    with f:
+    with source as f:
         # Iterating a binary file splits on b"\n" only; str.splitlines would also split inside
         # strings at U+2028 or U+0085, which JSON allows unescaped.
         for lineno, raw in enumerate(f, 1):
@@ -228,6 +234,16 @@ def _prompt_record(path: str, lineno: int, obj: dict) -> dict[str, str]:
     return {"prompt": _string(path, lineno, obj, "prompt")}
 
 
+def _scored_record(path: str, lineno: int, obj: dict) -> dict:
+    if "chosen" in obj or "rejected" in obj:
+        row = _prefs_record(path, lineno, obj)
+    else:
+        key = "completion" if "response" not in obj and "completion" in obj else "response"
+        row = {"prompt": _string(path, lineno, obj, "prompt"),
+               "response": _string(path, lineno, obj, key)}
+    return {**row, "line": lineno}
+
+
 def _read(path, record: Callable[[str, int, dict], dict], measure: Callable[[Any, dict], int],
           tokenizer, max_len: int | None, truncate: bool) -> list[dict[str, str]]:
     """The shared reader: validate every line, measure lengths, skip or refuse long ones."""
@@ -294,6 +310,18 @@ def hold_out(rows: list[dict], seed: int, fraction: float = 0.05) -> tuple[list,
     held = set(order[:max(1, int(len(prompts) * fraction))])
     return ([r for r in rows if r["prompt"] not in held],
             [r for r in rows if r["prompt"] in held])
+
+
+def read_scored(path, tokenizer=None, max_len: int | None = None) -> list[dict]:
+    """Responses and pairs to score with a reward model, each line either kind:
+    [{"prompt", "response", "line"} or {"prompt", "chosen", "rejected", "line"}], "line" being
+    the line number. A pair is as long as its longer response. "-" reads standard input (named
+    <stdin> in errors)."""
+    path = STDIN if path == "-" else path
+    return _read(path, _scored_record,
+                 lambda tok, r: max(len(tok.render(r["prompt"], r[k])[0])
+                                    for k in ("response", "chosen", "rejected") if k in r),
+                 tokenizer, max_len, False)
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> int:

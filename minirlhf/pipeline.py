@@ -2,7 +2,8 @@
 → DPO, on the built-in world, then a table, DIR/summary.json and figures.
 
     python -m minirlhf.pipeline --out out/pipeline             # ~10 min on 2 CPU cores
-    python -m minirlhf.pipeline --out out/quick --quick        # tiny settings, under a minute
+    python -m minirlhf.pipeline --out out/quick --quick        # a smoke run, under a minute
+    python -m minirlhf.pipeline --out out/pipeline --overwrite # start over in a used folder
     python -m minirlhf.pipeline --out out/pipeline --sweep     # + several β for PPO and DPO
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
@@ -10,9 +11,10 @@ equivalent command line is printed before it starts, so any stage can be rerun a
 All policies are judged the same way: 16 samples per held-out test prompt at temperature 1
 (what RLHF optimises; docs/design.md), with greedy numbers beside them in each stage's eval.json.
 
-summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds"} (see the
-keys below), plus "frontier" (gold vs KL points), "gap_closed" per method (the fraction of the
-SFT → optimum gold gap a policy closes) and "kl_optimum": gold and KL of the closed-form optimum
+summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds", "quick"}
+(see the keys below; "quick" is true for a smoke run, whose numbers mean nothing), plus
+"frontier" (gold vs KL points), "gap_closed" per method (the fraction of the SFT → optimum gold
+gap a policy closes) and "kl_optimum": gold and KL of the closed-form optimum
 π_SFT·exp(r/β)/Z of lecture ch. 5 at several β, r the labeller's own utility — where PPO and DPO
 would end at their β with a perfect reward model (estimated by reweighting 32 SFT samples per
 test prompt, minirlhf/evaluate.py `kl_optimum`), and the same optimum with the trained reward
@@ -36,13 +38,18 @@ from .config import OneLineParser
 from .report import draw_all
 from .checkpoint import load_stage
 from .device import autocast, resolve_device, set_precision
-from .training import write_json
+from .training import run_files, write_json
 from .evaluate import kl_optimum
 from .world import World
 from .world import stats as world_stats
 
 SCRIPTS = {train_sft.SFTConfig: "train_sft.py", train_rm.RMConfig: "train_rm.py",
            train_ppo.PPOConfig: "train_ppo.py", train_dpo.DPOConfig: "train_dpo.py"}
+
+
+SMOKE = ("SMOKE RUN (--quick): tiny models and a few steps per stage, not trained to quality:\n"
+         "its numbers mean nothing beyond 'every stage runs'. Drop --quick for the real pipeline\n"
+         "(~10 min on 2 CPU cores).")
 
 
 def command_line(cfg) -> str:
@@ -88,7 +95,12 @@ def parse_args(argv=None):
                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/pipeline",
                         help="folder for every stage and the report")
-    parser.add_argument("--quick", action="store_true", help="tiny settings, under a minute")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny settings, under a minute; the numbers mean nothing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a used --out: every stage's run files are replaced")
+    parser.add_argument("--verbose", action="store_true",
+                        help="every stage prints its whole config at start")
     parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at several β")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -97,13 +109,20 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
+    used = [os.path.join(stage, name) for stage in MODULES
+            for name in run_files(os.path.join(args.out, stage))]
+    used += run_files(args.out, ("summary.json",))
+    if used and not args.overwrite:
+        parser.error(f"{args.out} already holds a pipeline run ({used[0]}); pass --overwrite to "
+                     f"start over")
     return args
 
 
 def stage_configs(args) -> dict:
     """Every stage's config, each reading the folders of the stages before it."""
     out = args.out
-    common = dict(device=args.device, precision=args.precision, seed=args.seed)
+    common = dict(device=args.device, precision=args.precision, seed=args.seed,
+                  overwrite=args.overwrite, verbose=args.verbose)
     shrink = quick if args.quick else (lambda c: c)
     ppo = shrink(train_ppo.PPOConfig(out=f"{out}/ppo", sft=f"{out}/sft", rm=f"{out}/rm",
                                      **common))
@@ -209,6 +228,8 @@ def frontier_points(summary: dict, cfgs: dict, args, results: dict, timings: dic
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.quick:
+        print(SMOKE, flush=True)
     t_start, results, timings = time.time(), {}, {}
     cfgs = stage_configs(args)
     for name, cfg in cfgs.items():  # SFT -> RM -> PPO -> PPO β = 0 -> DPO
@@ -218,6 +239,7 @@ def main(argv=None):
     curve = closed_form_optimum(args, cfgs["ppo"], cfgs["dpo"])
     timings["kl_optimum"] = time.time() - t0
     summary = summarize(results, timings, world)
+    summary["quick"] = args.quick  # a smoke run: its numbers say the code runs, nothing more
     frontier = frontier_points(summary, cfgs, args, results, timings)
     summary["frontier"] = frontier
     summary["kl_optimum"] = {"points": curve, "seconds": timings["kl_optimum"],
@@ -240,6 +262,8 @@ def print_table(s: dict) -> None:
     def f(v, fmt):
         return format(v, fmt) if isinstance(v, (int, float)) else "—"
     w = s["world"]
+    if s.get("quick"):
+        print(f"\n{SMOKE}")
     print(f"\nbuilt-in world: {w['n_test_prompts']} test prompts | demonstrators gold "
           f"{w['demonstrators_gold']:.3f}, accuracy {w['demonstrators_accuracy']:.3f} | "
           f"optimum {w['optimum_gold']:.2f}   (policies sampled at temperature 1)")

@@ -12,9 +12,13 @@
   torchrun only rank 0's log writes (`enabled=dist.is_main`).
 - `check_finite`: a NaN or inf in a loss, reward or gradient norm stops the run with a message that
   names the quantity and the step (the last good checkpoint on disk is left as it is).
-- `start_run`: prints the config, resolves the device and the seeds (OUT/config.json is written
-  beside each checkpoint, so a run refused for bad input leaves no file behind); under torchrun it
-  joins the other processes first and returns who this one is (minirlhf/distributed.py).
+- `start_run`: refuses an --out that already holds a run (unless --resume or --overwrite),
+  prints one line (where, on what, how long; the whole config with --verbose), resolves the
+  device and the seeds; under torchrun it joins the other processes first and returns who this
+  one is (minirlhf/distributed.py).
+- `open_log`: the run's metrics log, opened once the inputs have been read; a fresh run then
+  clears an old run's files (--overwrite) and writes OUT/config.json, so a run refused for bad
+  input leaves OUT as it was.
 - Around the loops of train_sft.py, train_rm.py and train_dpo.py, one call each:
   `checkpoint_to_resume` and `resume_state` (--resume: the checkpoint, then the weights,
   optimizer, random states and step), `save_run` (the checkpoint --resume reads),
@@ -40,7 +44,7 @@ from tqdm import tqdm
 from .checkpoint import (CHECKPOINT, STAGES, check_compatible, check_stage, load_checkpoint,
                          rng_state, save_checkpoint, save_stage, set_rng_state)
 from .errors import CheckpointError, NonFiniteError
-from .config import format_config
+from .config import config_to_dict, format_config
 from .device import resolve_device, set_precision, uses_bf16
 from .distributed import Dist, setup, shard
 
@@ -222,11 +226,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# An --out holding one of these holds a run; --overwrite removes all of RUN_FILES before the new
+# run writes its own, so that no file of the old run is read as the new one's. (Preference pairs,
+# prefs*.jsonl, are inputs: train_rm.py --make-pairs rewrites them, otherwise they stay.)
+USED_IF = (CHECKPOINT, "metrics.jsonl")
+RUN_FILES = (CHECKPOINT, "best.pt", "metrics.jsonl", "eval.json", "samples.jsonl", "config.json",
+             "calibration.png")
+
+
+def run_files(folder: str, names=USED_IF) -> list[str]:
+    """The names among `names` that exist in folder."""
+    return [n for n in names if os.path.exists(os.path.join(folder, n))]
+
+
+def check_out(cfg) -> None:
+    """ValueError unless --out is free, or --resume or --overwrite says what to do with it."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite starts it over: "
+                         "give one")
+    used = run_files(cfg.out)
+    if used and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{cfg.out} already holds a run ({used[0]}); pass --resume to continue "
+                         f"it or --overwrite to start over")
+
+
+def clear_run(cfg) -> None:
+    """--overwrite: remove the old run's files (RUN_FILES) from OUT; nothing without it."""
+    if cfg.overwrite:
+        for name in run_files(cfg.out, RUN_FILES):
+            os.remove(os.path.join(cfg.out, name))
+
+
+def run_line(cfg, prog: str, dist: Dist) -> str:
+    """The one line a run starts with: where it writes, on what, how long, where its config is."""
+    precision = "bf16 autocast" if uses_bf16(dist.device) else "float32"
+    processes = f", {dist.world_size} processes" if dist.world_size > 1 else ""
+    length = (f"{cfg.max_steps} steps" if hasattr(cfg, "max_steps")
+              else f"{cfg.iterations} iterations")
+    mode = (" | resuming" if cfg.resume else " | starting over (--overwrite)"
+            if cfg.overwrite and run_files(cfg.out) else "")
+    verbose = "" if cfg.verbose else " (--verbose prints it)"
+    return (f"{prog}: {cfg.out} | {dist.device}, {precision}{processes} | {length}{mode} | "
+            f"config: {os.path.join(cfg.out, 'config.json')}{verbose}")
+
+
 def start_run(cfg, prog: str) -> Dist:
-    """Resolve the device and precision, join torchrun's processes if there are several, print
-    the config, seed every RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size,
-    is_main, device."""
+    """Refuse a used --out (`check_out`), resolve the device and precision, join torchrun's
+    processes if there are several, print one line (the whole config with --verbose), seed every
+    RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
     try:
+        check_out(cfg)  # before torchrun's processes join: each checks before any writes
         set_precision(getattr(cfg, "precision", "auto"))
         dist = setup(resolve_device(cfg.device))
         for name in ("batch_size", "prompts_per_iter", "minibatch_size"):  # global batches
@@ -237,12 +286,23 @@ def start_run(cfg, prog: str) -> Dist:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2)
     os.makedirs(cfg.out, exist_ok=True)
-    processes = f", {dist.world_size} processes" if dist.world_size > 1 else ""
-    precision = "bf16 autocast" if uses_bf16(dist.device) else "float32"
-    print(f"{prog} config:\n{format_config(cfg)}\n  (device: {dist.device}, {precision}{processes})",
-          flush=True)
+    print(run_line(cfg, prog, dist), flush=True)
+    if cfg.verbose:
+        print(format_config(cfg), flush=True)
     seed_everything(cfg.seed)
     return dist
+
+
+def open_log(cfg, start: int | None, dist: Dist) -> MetricsLog:
+    """OUT/metrics.jsonl for a run that starts at step `start` (None: a fresh run). Called once
+    the inputs are read, the moment a run starts writing: a fresh run first removes an old
+    run's files (--overwrite, `clear_run`); then OUT/config.json gets this run's config."""
+    if dist.is_main and start is None:
+        clear_run(cfg)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), start, enabled=dist.is_main)
+    if dist.is_main:
+        write_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
+    return log
 
 
 def write_json(path: str, obj) -> None:

@@ -154,7 +154,8 @@ def test_two_processes_on_half_batches_match_one_on_whole_batches(runs, stage):
 def test_only_rank_0_prints(runs):
     """Each log line appears once in the launch's output: the other process prints nothing."""
     out = runs["stdout"]
-    assert out.count("train_sft.py config:") == 1 and "(device: cpu, float32, 2 processes)" in out
+    starts = [line for line in out.splitlines() if line.startswith("train_sft.py: ")]
+    assert len(starts) == 1 and "| cpu, float32, 2 processes |" in starts[0]
     lines = out.splitlines()
     assert len([line for line in lines if "token acc" in line]) == 3  # SFT: steps 2, 4, 6
     assert len([line for line in lines if "implicit acc" in line]) == 2  # DPO: steps 2, 4

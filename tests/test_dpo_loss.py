@@ -122,14 +122,16 @@ def test_bad_options_are_refused():
 def test_rpo_adds_the_chosen_responses_per_token_nll(rows, beta, alpha, lengths):
     """RPO: L = L_DPO + α·(−Σ_i log π_θ(y_w,i) / Σ_i |y_w,i|), the chosen responses' NLL as a
     token mean. The loss is DPO's plus that term, its gradient w.r.t. log π_θ(y_w,i) is DPO's
-    minus α/Σ|y_w|, the rejected and reference gradients are DPO's, and α = 0 is plain DPO."""
+    minus α/Σ|y_w|, the rejected and reference gradients are DPO's, and α = 0 is plain DPO. The
+    stats report the two terms apart: "dpo_loss" is DPO's loss and "nll" the NLL, at any α."""
     pc, pr, rc, rr = unpack(rows, requires_grad=True)
     n = torch.tensor(lengths[:len(rows)], dtype=torch.float64)
     dpo, _ = dpo_loss(pc, pr, rc, rr, beta)
     rpo, stats = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=alpha, chosen_tokens=n)
     nll = -pc.sum() / n.sum()
     torch.testing.assert_close(rpo, dpo + alpha * nll)
-    torch.testing.assert_close(stats["nll"], nll.detach() if alpha else torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(stats["nll"], nll.detach())  # measured whenever lengths are given
+    torch.testing.assert_close(stats["dpo_loss"], dpo.detach())  # the DPO term alone
     g_dpo = torch.autograd.grad(dpo, (pc, pr, rc, rr))
     g_rpo = torch.autograd.grad(rpo, (pc, pr, rc, rr))
     torch.testing.assert_close(g_rpo[0], g_dpo[0] - alpha / n.sum())

@@ -18,11 +18,14 @@ KEYS = {"world": {"demonstrators_gold", "optimum_gold", "n_test_prompts"},
 
 def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     """All stages run; summary.json holds every contract key with a finite number; each stage's
-    command line is printed; the four figures are written."""
+    command line is printed; the four figures are written. The results table opens by saying it
+    is a smoke run whose numbers mean nothing, and summary.json says "quick". A second run into
+    the same --out is refused in one line naming --overwrite."""
     out = str(tmp_path / "run")
     summary = pipeline.main(["--out", out, "--quick", "--device", "cpu"])
     on_disk = json.load(open(os.path.join(out, "summary.json")))
     assert on_disk["total_seconds"] == summary["total_seconds"] > 0
+    assert on_disk["quick"] is True
     for section, keys in KEYS.items():
         for key in keys:
             value = on_disk[section][key]
@@ -31,6 +34,10 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py"):
         assert f"$ python {script} --out {out}" in printed
     assert "--kl-coef 0.0" in printed  # the β = 0 run is the same script with one flag changed
+    table = printed[printed.index("\nbuilt-in world: ") - len(pipeline.SMOKE) - 1:]
+    assert table.startswith(pipeline.SMOKE + "\n")  # the table's header: a smoke run
+    assert "SMOKE RUN (--quick)" in pipeline.SMOKE and "not trained to quality" in pipeline.SMOKE
+    assert printed.startswith(pipeline.SMOKE + "\n")  # and before the first stage
     shortfall = on_disk["rm"]["shortfall"]  # points under the Bayes limit, by kind of test pair
     assert shortfall and sum(shortfall.values()) == pytest.approx(
         100 * (on_disk["rm"]["bayes_accuracy"] - on_disk["rm"]["expected_accuracy"]))
@@ -49,6 +56,19 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
         assert os.path.getsize(path) > 1000
     for stage in ("sft", "rm", "ppo", "ppo_no_kl", "dpo"):
         assert os.path.exists(os.path.join(out, stage, "checkpoint.pt"))
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--out", out, "--quick", "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"python -m minirlhf.pipeline: error: {out} already holds a pipeline run "
+        f"(sft/checkpoint.pt); pass --overwrite to start over\n")
+
+
+def test_overwrite_and_verbose_reach_every_stage(tmp_path):
+    """--overwrite and --verbose are passed to every stage's config (a stage refuses a used
+    folder without --overwrite); without them the stages get neither."""
+    for flags, value in (([], False), (["--overwrite", "--verbose"], True)):
+        cfgs = pipeline.stage_configs(pipeline.parse_args(["--out", str(tmp_path)] + flags))
+        assert {(c.overwrite, c.verbose) for c in cfgs.values()} == {(value, value)}
 
 
 def test_command_line_lists_only_changed_flags():

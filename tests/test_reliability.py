@@ -12,8 +12,9 @@ checkpoint intact, and refuses checkpoints that do not fit.
 3. Bad input: malformed JSONL (a list of named cases, plus hypothesis-corrupted files) and bad
    flags end in exactly one `prog: error: ...` line naming the file and line, or the flag, with
    a non-zero exit. A refused run leaves OUT as it found it: no new file (config.json is
-   written beside the first checkpoint), and an existing checkpoint, metrics log or eval.json
-   untouched.
+   written once the inputs are read), and an existing checkpoint, metrics log or eval.json
+   untouched. A run into an OUT that holds a run is refused unless --resume or --overwrite says
+   what to do with it; --overwrite ends exactly as a run into a fresh folder.
 4. Numbers: NaN/inf in a loss, a reward or a gradient norm stops the run naming the step (as
    metrics.jsonl numbers steps) and the quantity; OUT/checkpoint.pt still holds the last good
    step. Every loss is finite for inputs of ±1e4.
@@ -170,12 +171,13 @@ def assert_same_run(out, ref):
     eval.json of `out` equal those of `ref`, timing fields aside."""
     a, b = load_checkpoint(os.path.join(out, "checkpoint.pt")), load_checkpoint(
         os.path.join(ref, "checkpoint.pt"))
-    # the config differs in out and resume only; the tokenizer's source is the path it was read from
-    assert_same(a, b, "checkpoint", skip=("out", "resume", "source"))
+    # the config differs in out, resume and overwrite only; the tokenizer's source is the path it
+    # was read from
+    skip = ("out", "resume", "overwrite", "source")
+    assert_same(a, b, "checkpoint", skip=skip)
     if os.path.exists(os.path.join(ref, "best.pt")):
         assert_same(load_checkpoint(os.path.join(out, "best.pt")),
-                    load_checkpoint(os.path.join(ref, "best.pt")), "best.pt",
-                    skip=("out", "resume", "source"))
+                    load_checkpoint(os.path.join(ref, "best.pt")), "best.pt", skip=skip)
     rows, ref_rows = (read_metrics(os.path.join(p, "metrics.jsonl")) for p in (out, ref))
     assert_metrics_well_formed(rows)
     assert_same(rows, ref_rows, "metrics.jsonl")
@@ -408,6 +410,54 @@ def test_same_seed_and_flags_give_identical_runs(tmp_path, dirs, references, sta
 
 
 # ----------------------------------------------------------------------------------------------
+# A used --out: refused, resumed, or started over
+# ----------------------------------------------------------------------------------------------
+
+STALE = b"an old run's file\n"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_used_out_is_refused_or_started_over(tmp_path, capsys, dirs, references, stage):
+    """A run into a folder that holds a run is refused in one line naming --resume and
+    --overwrite, before it changes anything there; --resume with --overwrite is refused alike.
+    --overwrite starts over: the old run's files are gone (a stale samples.jsonl, calibration
+    plot or best.pt too) and the folder ends as a run into a fresh folder ends: the same
+    checkpoint, metrics rows (no old row left) and eval.json."""
+    module, _, flags, _, _ = STAGES[stage]
+    out = str(tmp_path / stage)
+    shutil.copytree(references[stage], out)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 999, "split": "train", "loss": 0.0}) + "\n")
+    stale = [n for n in ("samples.jsonl", "calibration.png", "best.pt")
+             if not os.path.exists(os.path.join(out, n))]
+    for name in stale:
+        open(os.path.join(out, name), "wb").write(STALE)
+    refused(capsys, stage, flags(dirs) + ["--out", out], out,
+            f"{PROG[stage]}: error: {out} already holds a run (checkpoint.pt); pass --resume to "
+            f"continue it or --overwrite to start over\n", code=2)
+    refused(capsys, stage, flags(dirs) + ["--out", out, "--resume", "--overwrite"], out,
+            "--resume continues the run in --out, --overwrite starts it over: give one", code=2)
+    capsys.readouterr()
+    assert run_main(module, flags(dirs) + ["--out", out, "--overwrite"]) == 0
+    assert "| starting over (--overwrite) |" in capsys.readouterr().out
+    for name in stale:
+        path = os.path.join(out, name)
+        assert not os.path.exists(path) or open(path, "rb").read() != STALE, name
+    assert_same_run(out, references[stage])
+
+
+def test_overwrite_refused_for_bad_input_keeps_the_old_run(tmp_path, capsys, dirs, references):
+    """--overwrite replaces the old run only once the new run has read its inputs: refused for
+    a bad data file, it leaves every file of the old run as it was."""
+    out = str(tmp_path / "dpo")
+    shutil.copytree(references["dpo"], out)
+    bad = str(tmp_path / "bad.jsonl")
+    open(bad, "w").write(json.dumps(PREFS_ROW) + "\n[1]\n")
+    refused(capsys, "dpo", dpo_flags(dirs) + ["--data", bad, "--out", out, "--overwrite"], out,
+            f"{bad}:2: ", code=1)
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. Bad input: malformed files and bad flags
 # ----------------------------------------------------------------------------------------------
 
@@ -522,8 +572,7 @@ FILE_CASES = [pytest.param(stage, lines, lineno, words, id=f"{stage}: {case}")
 def test_bad_file_is_refused_naming_file_and_line(tmp_path, capsys, dirs, stage, lines,
                                                   lineno, words):
     """Each malformed file ends the run with one line naming the file and the line (the file
-    alone for file-level problems) and saying what is wrong; nothing but config.json is
-    written."""
+    alone for file-level problems) and saying what is wrong; nothing is written."""
     flag, good, extra = READS[stage]
     path = str(tmp_path / "bad.jsonl")
     with open(path, "wb") as f:

@@ -15,7 +15,8 @@ import train_rm
 import train_sft
 from minirlhf import training
 from minirlhf.checkpoint import load_checkpoint, load_stage
-from minirlhf.data import DataError
+from minirlhf.config import format_config, parse_config
+from minirlhf.data import DataError, read_prefs
 from minirlhf.training import read_metrics
 from minirlhf.world import pair_label_prob
 
@@ -83,6 +84,68 @@ def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir):
     steps = [r["step"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))
              if r["split"] == "train"]
     assert steps == [20, 40, 60]
+
+
+def test_a_run_starts_with_one_line_and_writes_its_config(tmp_path, capsys, monkeypatch):
+    """A run prints one line before its work, not its config: the folder, the device and
+    precision, the length and where the config is. OUT/config.json holds the whole config before
+    the first step; --verbose prints every field as well."""
+    out = str(tmp_path / "sft")
+    argv = ["--out", out, "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-steps", "2",
+            "--n-examples", "64", "--batch-size", "16", "--n-show", "0", "--max-new-tokens", "8",
+            "--device", "cpu", "--precision", "fp32"]
+    seen = []
+    real = train_sft.forward_backward
+
+    def first_step(*args):  # what OUT holds when the first step starts
+        seen.append(sorted(os.listdir(out)))
+        return real(*args)
+    monkeypatch.setattr(train_sft, "forward_backward", first_step)
+    train_sft.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"train_sft.py: {out} | cpu, float32 | 2 steps | config: "
+                        f"{out}/config.json (--verbose prints it)")
+    assert lines[1].startswith("model: ")  # the next line is the run's own
+    assert "config.json" in seen[0] and "checkpoint.pt" not in seen[0]
+    cfg = parse_config(train_sft.SFTConfig, argv, "train_sft.py")
+    assert json.load(open(os.path.join(out, "config.json"))) == dataclasses.asdict(cfg)
+    train_sft.main(argv + ["--overwrite", "--verbose"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"train_sft.py: {out} | cpu, float32 | 2 steps | starting over "
+                        f"(--overwrite) | config: {out}/config.json")
+    dump = format_config(dataclasses.replace(cfg, overwrite=True, verbose=True))
+    assert lines[1:1 + len(dump.splitlines())] == dump.splitlines()
+    assert "  verbose          = True" in lines
+
+
+def test_sft_keeps_the_model_of_the_lowest_validation_loss_in_best_pt(tmp_path, monkeypatch):
+    """OUT/best.pt holds the model of the evaluation with the lowest validation loss (here the
+    second of three), while checkpoint.pt stays the latest; eval.json names that step and its
+    loss, as the validation rows of metrics.jsonl have them."""
+    val_losses = iter([3.0, 1.0, 2.0])
+    real_loss, real_save, saved = train_sft.validation_loss, train_sft.save_run, {}
+    monkeypatch.setattr(train_sft, "validation_loss",
+                        lambda *args: (real_loss(*args), next(val_losses))[1])
+
+    def save_run(cfg, step, model, *args, **kwargs):  # the weights of every checkpoint.pt
+        real_save(cfg, step, model, *args, **kwargs)
+        if kwargs.get("path") is None:
+            saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(train_sft, "save_run", save_run)
+    out = str(tmp_path / "sft")
+    train_sft.train(train_sft.SFTConfig(out=out, **{**TINY_SFT, "max_steps": 6, "eval_every": 2,
+                                                    "ckpt_every": 2, "n_show": 0}))
+    best, last = (load_checkpoint(os.path.join(out, n)) for n in ("best.pt", "checkpoint.pt"))
+    assert best["step"] == 4 and last["step"] == 6
+    assert all(torch.equal(best["model"][k], saved[4][k]) for k in saved[4])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in saved[4])
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert (ev["best_step"], ev["best_val_loss"]) == (4, 1.0)
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [(r["step"], r["loss"]) for r in rows if r["split"] == "val"] == [(2, 3.0), (4, 1.0),
+                                                                            (6, 2.0)]
+    model, _, ck = load_stage(os.path.join(out, "best.pt"), "gpt")  # a stage file like any other
+    assert ck["extra"] == {"best_step": 4, "best_val_loss": 1.0}
 
 
 RM = dict(make_pairs=True, n_pairs=48, n_val_pairs=16, n_test_pairs=32, max_new_tokens=32,
@@ -165,6 +228,27 @@ def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir,
     assert same_weights(os.path.join(out, "checkpoint.pt"), os.path.join(reference, "checkpoint.pt"))
 
 
+def test_rm_pairs_only_then_training_into_the_same_folder(tmp_path, sft_dir, capsys):
+    """Preference files written by --pairs-only do not make a folder a used run: training on
+    OUT/prefs.jsonl into the same OUT starts without --overwrite (and keeps the pairs); a second
+    training run there is refused in one line."""
+    out = str(tmp_path / "rm")
+    train_rm.train(train_rm.RMConfig(out=out, sft=sft_dir, **{**RM, "pairs_only": True}))
+    assert sorted(os.listdir(out)) == ["prefs.jsonl", "prefs_test.jsonl", "prefs_val.jsonl"]
+    pairs = open(os.path.join(out, "prefs.jsonl")).read()
+    argv = ["--sft", sft_dir, "--data", os.path.join(out, "prefs.jsonl"), "--out", out,
+            "--max-steps", "4", "--batch-size", "8", "--eval-every", "2", "--device", "cpu"]
+    train_rm.main(argv)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 4
+    assert open(os.path.join(out, "prefs.jsonl")).read() == pairs
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_rm.main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"train_rm.py: error: {out} already holds a run (checkpoint.pt); pass --resume to "
+        f"continue it or --overwrite to start over\n")
+
+
 PPO = dict(iterations=4, prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=32,
            minibatch_size=4, eval_every=2, ckpt_every=2, device="cpu")
 
@@ -241,6 +325,39 @@ def test_dpo_trains_and_resumes(tmp_path, monkeypatch, sft_dir, rm_dir):
     assert same_weights(str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt"))
 
 
+def test_dpo_logs_its_loss_and_rpo_term_apart(tmp_path, capsys, sft_dir, rm_dir):
+    """Train and val rows of metrics.jsonl hold the DPO term ("dpo_loss") and the chosen
+    responses' per-token NLL ("rpo_nll") beside the total, loss = dpo_loss + α·rpo_nll in both;
+    the val row's terms are those of the validation pairs under the model of that step, and the
+    printed line shows the parts."""
+    out = str(tmp_path / "dpo")
+    cfg = train_dpo.DPOConfig(out=out, sft=sft_dir, data=os.path.join(rm_dir, "prefs.jsonl"),
+                              precision="fp32", **{**DPO, "max_steps": 4, "ckpt_every": 2,
+                                                   "eval_every": 2})
+    train_dpo.train(cfg)
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert {(r["step"], r["split"]) for r in rows} == {(s, t) for s in (2, 4)
+                                                       for t in ("train", "val")}
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["dpo_loss"] + cfg.rpo_alpha * r["rpo_nll"], rel=1e-5)
+        assert 0 < r["dpo_loss"] < r["loss"] and r["rpo_nll"] > 0
+    policy, tok, ck = load_stage(out, "gpt")  # the model of step 4, validated at step 4
+    ref, _, _ = load_stage(sft_dir, "gpt")
+    pairs = train_dpo.encode_pairs(read_prefs(os.path.join(rm_dir, "prefs_val.jsonl")), tok)
+    with torch.no_grad():
+        c, r = train_dpo.response_logprobs(policy, pairs, tok, "cpu")
+        ref_c, ref_r = train_dpo.response_logprobs(ref, pairs, tok, "cpu")
+    margin = (c - ref_c) - (r - ref_r)
+    n_tokens = sum(len(w) - n for w, _, n in pairs)
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert val["rpo_nll"] == pytest.approx(-c.sum().item() / n_tokens, rel=1e-4)
+    assert val["dpo_loss"] == pytest.approx(
+        -torch.nn.functional.logsigmoid(cfg.beta * margin).mean().item(), rel=1e-4)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert f"loss {rows[-2]['loss']:.4f} = dpo {rows[-2]['dpo_loss']:.4f} + 2·nll" in printed[-1]
+    assert f"val loss {val['loss']:.4f} = dpo {val['dpo_loss']:.4f} + 2·nll" in printed[-1]
+
+
 def test_explain_prints_each_token(sft_dir, capsys):
     """--explain shows one line per response token (end token included) with p and −log p, and
     the mean equals L_SFT for that example."""
@@ -253,6 +370,17 @@ def test_explain_prints_each_token(sft_dir, capsys):
     mean = sum(r["loss"] for r in rows) / len(rows)
     assert f"{mean:.4f}" in out
     assert all(abs(r["p"] - torch.exp(torch.tensor(-r["loss"])).item()) < 1e-6 for r in rows)
+
+
+def test_explain_refuses_an_example_longer_than_the_model_reads(sft_dir, capsys):
+    """--explain with a response past the block size ends in one line saying so, not a
+    traceback."""
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--explain", sft_dir, "What is 3 plus 4?", "seven " * 100])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("train_sft.py: error: prompt and response are ")
+    assert err.endswith("tokens; this model reads at most 96 (its block size)\n")
 
 
 def test_sft_starts_from_a_tokenizer_trained_on_your_text(tmp_path):
