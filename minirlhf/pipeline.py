@@ -91,6 +91,9 @@ def run_stage(name, module, cfg, results, timings):
 
 
 def parse_args(argv=None):
+    """The flags, checked before any stage starts: --out must be a folder (or nothing yet), every
+    stage's config must pass its script's own checks (`check()`: ranges, --seed in
+    [0, 2**32)), a used --out needs --overwrite. Each failure: one line, exit 2."""
     parser = OneLineParser(prog="python -m minirlhf.pipeline",
                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/pipeline",
@@ -109,6 +112,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
+    try:
+        check_configs(args, stage_configs(args))
+    except ValueError as e:
+        parser.error(str(e))
     used = [os.path.join(stage, name) for stage in MODULES
             for name in run_files(os.path.join(args.out, stage))]
     used += run_files(args.out, ("summary.json",))
@@ -116,6 +123,23 @@ def parse_args(argv=None):
         parser.error(f"{args.out} already holds a pipeline run ({used[0]}); pass --overwrite to "
                      f"start over")
     return args
+
+
+def check_configs(args, cfgs: dict) -> None:
+    """ValueError for the first problem: --out (and each stage's folder) must be a folder or not
+    exist yet; every stage's config must pass its script's `check()`, as on its command line."""
+    if not args.out.strip():
+        raise ValueError(f"--out must name a folder, not {args.out!r}")
+    for path in [args.out] + [cfg.out for cfg in cfgs.values()]:
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):  # the nearest part of the path that exists
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            where = args.out if existing == os.path.abspath(args.out) else existing
+            raise ValueError(f"--out {args.out}: {where} is a file, not a folder")
+    for cfg in cfgs.values():
+        if hasattr(cfg, "check"):
+            cfg.check()
 
 
 def stage_configs(args) -> dict:

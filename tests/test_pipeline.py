@@ -63,6 +63,29 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
         f"(sft/checkpoint.pt); pass --overwrite to start over\n")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
+    (["--out", "{file}"], "--out {file}: {file} is a file, not a folder"),
+    (["--out", "{file}/run"], "--out {file}/run: {file} is a file, not a folder"),
+    (["--out", ""], "--out must name a folder, not ''"),
+])
+def test_bad_flags_end_in_one_line(tmp_path, capsys, flags, message):
+    """Every stage's config is checked as its script checks it, and --out must be a folder,
+    before any stage starts: one line, exit 2, nothing written."""
+    file = tmp_path / "a_file"
+    file.write_text("")
+    flags = [f.format(file=file) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(flags + ["--quick"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"python -m minirlhf.pipeline: error: "
+                                       f"{message.format(file=file)}\n")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
 def test_overwrite_and_verbose_reach_every_stage(tmp_path):
     """--overwrite and --verbose are passed to every stage's config (a stage refuses a used
     folder without --overwrite); without them the stages get neither."""
