@@ -7,7 +7,10 @@
     python -m minirlhf.pipeline --out out/pipeline --sweep     # + several β for PPO and DPO
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
-equivalent command line is printed before it starts, so any stage can be rerun alone.
+equivalent command line is printed before it starts, so any stage can be rerun alone. The
+reward-model stage is two commands: `train_rm.py --make-pairs --pairs-only` writes the preference
+pairs, then `train_rm.py` trains on them (so that a resumed run can keep finished pairs and still
+start the reward model from the random state an uninterrupted run starts it from).
 All policies are judged the same way: 16 samples per held-out test prompt at temperature 1
 (what RLHF optimises; docs/design.md), with greedy numbers beside them in each stage's eval.json.
 
@@ -69,23 +72,29 @@ def command_line(cfg) -> str:
 
 
 def quick(cfg):
-    """Tiny settings for a smoke run (used by the test suite): no quality targets."""
+    """Tiny settings for a smoke run (used by the test suite): no quality targets. Every stage
+    saves a checkpoint before its last one, so that the tests can stop each stage midway."""
     small = {"SFTConfig": dict(n_layer=2, n_head=2, n_embd=64, max_steps=60, n_examples=2000,
-                               batch_size=32, log_every=20, eval_every=60, ckpt_every=60,
+                               batch_size=32, log_every=20, eval_every=60, ckpt_every=30,
                                n_show=0, max_new_tokens=24),
              "RMConfig": dict(n_pairs=128, n_val_pairs=32, n_test_pairs=64, max_steps=16,
                               batch_size=16, eval_every=8, max_new_tokens=24),
              "PPOConfig": dict(iterations=3, prompts_per_iter=4, samples_per_prompt=2,
-                               max_new_tokens=24, eval_every=3, ckpt_every=3, minibatch_size=8),
-             "DPOConfig": dict(max_steps=10, batch_size=16, eval_every=5, ckpt_every=10,
+                               max_new_tokens=24, eval_every=3, ckpt_every=2, minibatch_size=8),
+             "DPOConfig": dict(max_steps=10, batch_size=16, eval_every=5, ckpt_every=5,
                                max_new_tokens=24)}[type(cfg).__name__]
     return dataclasses.replace(cfg, **small)
 
 
 def run_stage(name, module, cfg, results, timings):
-    print(f"\n=== {name} ===\n$ {command_line(cfg)}", flush=True)
-    t0 = time.time()
-    results[name] = module.train(cfg, SCRIPTS[type(cfg)])
+    print(f"\n=== {name} ===", flush=True)
+    t0, pairs = time.time(), {}
+    if isinstance(cfg, train_rm.RMConfig):  # the pairs first, by the same script, then training
+        pairs_cfg = dataclasses.replace(cfg, make_pairs=True, pairs_only=True)
+        print(f"$ {command_line(pairs_cfg)}", flush=True)
+        pairs = module.train(pairs_cfg, SCRIPTS[type(cfg)])
+    print(f"$ {command_line(cfg)}", flush=True)
+    results[name] = {**pairs, **module.train(cfg, SCRIPTS[type(cfg)])}
     timings[name] = time.time() - t0
     return results[name]
 
@@ -154,8 +163,8 @@ def stage_configs(args) -> dict:
     hack = dataclasses.replace(ppo, out=f"{out}/ppo_no_kl", kl_coef=0.0,
                                iterations=min(ppo.iterations, 40))
     return {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)),
-            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True,
-                                           **common)),
+            # the reward model trains on the pairs in its folder; `run_stage` makes them first
+            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", **common)),
             "ppo": ppo, "ppo_no_kl": hack,
             "dpo": shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
                                               data=f"{out}/rm/prefs.jsonl", **common))}

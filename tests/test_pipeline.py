@@ -33,6 +33,9 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py"):
         assert f"$ python {script} --out {out}" in printed
+    # the reward model's stage: its pairs, then training on them, both by train_rm.py
+    assert f"$ python train_rm.py --out {out}/rm --sft {out}/sft --make-pairs --pairs-only " \
+           in printed
     assert "--kl-coef 0.0" in printed  # the β = 0 run is the same script with one flag changed
     table = printed[printed.index("\nbuilt-in world: ") - len(pipeline.SMOKE) - 1:]
     assert table.startswith(pipeline.SMOKE + "\n")  # the table's header: a smoke run
