@@ -3,13 +3,26 @@
 
     python -m minirlhf.pipeline --out out/pipeline             # ~10 min on 2 CPU cores
     python -m minirlhf.pipeline --out out/quick --quick        # a smoke run, under a minute
+    python -m minirlhf.pipeline --out out/pipeline --resume    # continue a stopped run
     python -m minirlhf.pipeline --out out/pipeline --overwrite # start over in a used folder
     python -m minirlhf.pipeline --out out/pipeline --sweep     # + several β for PPO and DPO
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
-equivalent command line is printed before it starts, so any stage can be rerun alone.
+equivalent command line is printed before it starts, so any stage can be rerun alone. The
+reward-model stage is two commands: `train_rm.py --make-pairs --pairs-only` writes the preference
+pairs, then `train_rm.py` trains on them (so that a resumed run can keep finished pairs and still
+start the reward model from the random state an uninterrupted run starts it from).
 All policies are judged the same way: 16 samples per held-out test prompt at temperature 1
 (what RLHF optimises; docs/design.md), with greedy numbers beside them in each stage's eval.json.
+
+--resume continues a run stopped at any moment (`plan_stages`). A stage whose outputs are
+complete — its eval.json (written last), a checkpoint.pt that loads (its SHA-256 trailer is
+checked, minirlhf/checkpoint.py) and, for the reward model, the three prefs*.jsonl at their full
+length — is skipped, its results read back from eval.json; a stage stopped midway continues with
+its script's own --resume; the rest run fresh. A stage whose checkpoint does not load (damaged)
+is trained again from scratch, and so is every stage that reads it. Resuming with other flags
+than the run was started with is refused (each stage's config.json must match). summary.json
+then holds the numbers of an uninterrupted run, all but the wall-clock seconds.
 
 summary.json holds {"world", "sft", "rm", "ppo", "ppo_no_kl", "dpo", "total_seconds", "quick"}
 (see the keys below; "quick" is true for a smoke run, whose numbers mean nothing), plus
@@ -20,11 +33,19 @@ would end at their β with a perfect reward model (estimated by reweighting 32 S
 test prompt, minirlhf/evaluate.py `kl_optimum`), and the same optimum with the trained reward
 model's score in place of the labeller's ("reward_model"): where PPO at its β would end with the
 reward model it has, however well it optimised.
+
+Seconds in summary.json: a stage's "seconds" is the wall-clock time the pipeline spent on it,
+which it also records in the stage's eval.json ("pipeline_seconds"). After --resume, a skipped
+stage reports the seconds recorded there (a stage without them: its script's "train_seconds",
+the training loop only), a continued stage only the time since it was resumed, and
+"total_seconds" the time of this invocation alone.
+
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -36,15 +57,19 @@ import train_sft
 
 from .config import OneLineParser
 from .report import draw_all
-from .checkpoint import load_stage
+from .checkpoint import CHECKPOINT, check_stage, load_checkpoint, load_stage
 from .device import autocast, resolve_device, set_precision
-from .training import run_files, write_json
+from .errors import CheckpointError, DataError, NonFiniteError, TokenizerError
+from .training import RUN_FILES, USED_IF, fail, run_files, write_json
 from .evaluate import kl_optimum
 from .world import World
 from .world import stats as world_stats
 
+PROG = "python -m minirlhf.pipeline"
 SCRIPTS = {train_sft.SFTConfig: "train_sft.py", train_rm.RMConfig: "train_rm.py",
            train_ppo.PPOConfig: "train_ppo.py", train_dpo.DPOConfig: "train_dpo.py"}
+MODULE_OF = {train_sft.SFTConfig: train_sft, train_rm.RMConfig: train_rm,
+             train_ppo.PPOConfig: train_ppo, train_dpo.DPOConfig: train_dpo}
 
 
 SMOKE = ("SMOKE RUN (--quick): tiny models and a few steps per stage, not trained to quality:\n"
@@ -69,34 +94,32 @@ def command_line(cfg) -> str:
 
 
 def quick(cfg):
-    """Tiny settings for a smoke run (used by the test suite): no quality targets."""
+    """Tiny settings for a smoke run (used by the test suite): no quality targets. Every stage
+    saves a checkpoint before its last one, so that the tests can stop each stage midway."""
     small = {"SFTConfig": dict(n_layer=2, n_head=2, n_embd=64, max_steps=60, n_examples=2000,
-                               batch_size=32, log_every=20, eval_every=60, ckpt_every=60,
+                               batch_size=32, log_every=20, eval_every=60, ckpt_every=30,
                                n_show=0, max_new_tokens=24),
              "RMConfig": dict(n_pairs=128, n_val_pairs=32, n_test_pairs=64, max_steps=16,
                               batch_size=16, eval_every=8, max_new_tokens=24),
              "PPOConfig": dict(iterations=3, prompts_per_iter=4, samples_per_prompt=2,
-                               max_new_tokens=24, eval_every=3, ckpt_every=3, minibatch_size=8),
-             "DPOConfig": dict(max_steps=10, batch_size=16, eval_every=5, ckpt_every=10,
+                               max_new_tokens=24, eval_every=3, ckpt_every=2, minibatch_size=8),
+             "DPOConfig": dict(max_steps=10, batch_size=16, eval_every=5, ckpt_every=5,
                                max_new_tokens=24)}[type(cfg).__name__]
     return dataclasses.replace(cfg, **small)
 
 
-def run_stage(name, module, cfg, results, timings):
-    print(f"\n=== {name} ===\n$ {command_line(cfg)}", flush=True)
-    t0 = time.time()
-    results[name] = module.train(cfg, SCRIPTS[type(cfg)])
-    timings[name] = time.time() - t0
-    return results[name]
-
-
 def parse_args(argv=None):
-    parser = OneLineParser(prog="python -m minirlhf.pipeline",
-                           description=__doc__.split("\n\n")[0])
+    """The flags, checked before any stage starts: --out must be a folder (or nothing yet), every
+    stage's config must pass its script's own checks (`check()`: ranges, --seed in
+    [0, 2**32)), a used --out needs --resume or --overwrite. Each failure: one line, exit 2."""
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/pipeline",
                         help="folder for every stage and the report")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny settings, under a minute; the numbers mean nothing")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in --out: finished stages are skipped, a "
+                             "stopped one continues from its checkpoint, the rest run")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a used --out: every stage's run files are replaced")
     parser.add_argument("--verbose", action="store_true",
@@ -109,17 +132,41 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out, --overwrite starts it over: give one")
+    try:
+        check_configs(args, stage_configs(args))
+    except ValueError as e:
+        parser.error(str(e))
     used = [os.path.join(stage, name) for stage in MODULES
             for name in run_files(os.path.join(args.out, stage))]
     used += run_files(args.out, ("summary.json",))
-    if used and not args.overwrite:
+    if used and not (args.overwrite or args.resume):
         parser.error(f"{args.out} already holds a pipeline run ({used[0]}); pass --overwrite to "
                      f"start over")
     return args
 
 
+def check_configs(args, cfgs: dict) -> None:
+    """ValueError for the first problem: --out (and each stage's folder) must be a folder or not
+    exist yet; every stage's config must pass its script's `check()`, as on its command line."""
+    if not args.out.strip():
+        raise ValueError(f"--out must name a folder, not {args.out!r}")
+    for path in [args.out] + [cfg.out for cfg in cfgs.values()]:
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):  # the nearest part of the path that exists
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            where = args.out if existing == os.path.abspath(args.out) else existing
+            raise ValueError(f"--out {args.out}: {where} is a file, not a folder")
+    for cfg in cfgs.values():
+        if hasattr(cfg, "check"):
+            cfg.check()
+
+
 def stage_configs(args) -> dict:
-    """Every stage's config, each reading the folders of the stages before it."""
+    """Every stage's config, each reading the folders of the stages before it; with --sweep
+    also PPO and DPO at several β (named "ppo β=0.01" and so on), after the five stages."""
     out = args.out
     common = dict(device=args.device, precision=args.precision, seed=args.seed,
                   overwrite=args.overwrite, verbose=args.verbose)
@@ -129,16 +176,212 @@ def stage_configs(args) -> dict:
     # β = 0 stops at 40 iterations: by then proxy and gold have plainly diverged (docs/results.md)
     hack = dataclasses.replace(ppo, out=f"{out}/ppo_no_kl", kl_coef=0.0,
                                iterations=min(ppo.iterations, 40))
-    return {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)),
-            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True,
-                                           **common)),
-            "ppo": ppo, "ppo_no_kl": hack,
-            "dpo": shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
-                                              data=f"{out}/rm/prefs.jsonl", **common))}
+    dpo = shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
+                                     data=f"{out}/rm/prefs.jsonl", **common))
+    # the reward model trains on the pairs in its folder; `run_stage` makes them first
+    cfgs = {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)),
+            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", **common)),
+            "ppo": ppo, "ppo_no_kl": hack, "dpo": dpo}
+    if args.sweep:
+        for method, base, field, betas in (("ppo", ppo, "kl_coef", (0.01, 0.02, 0.1, 0.5)),
+                                           ("dpo", dpo, "beta", (0.1, 1.0, 3.0))):
+            for beta in betas:
+                cfgs[f"{method} β={beta:g}"] = dataclasses.replace(
+                    base, out=f"{out}/sweep/{method}_beta{beta:g}", **{field: beta})
+    return cfgs
 
 
 MODULES = {"sft": train_sft, "rm": train_rm, "ppo": train_ppo, "ppo_no_kl": train_ppo,
            "dpo": train_dpo}
+
+
+def reads(name: str) -> tuple[str, ...]:
+    """The stages whose folders a stage reads (DPO reads the reward model's preference pairs)."""
+    return () if name == "sft" else ("sft",) if name == "rm" else ("sft", "rm")
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume: what each stage's folder holds, and so what to do with it
+# ----------------------------------------------------------------------------------------------
+
+PAIRS = ("prefs.jsonl", "prefs_val.jsonl", "prefs_test.jsonl")  # train_rm.py make_pairs_main
+# writes them in this order, each atomically (data.write_jsonl), with exactly the number of rows
+# its flags ask for: complete pairs are three files of those lengths.
+PAIR_COUNTS = dict(zip(PAIRS, ("n_pairs", "n_val_pairs", "n_test_pairs")))
+# Fields the pipeline sets per run, or from --out: a run moved to another folder still resumes.
+NOT_COMPARED = {"resume", "overwrite", "verbose", "make_pairs", "pairs_only", "out", "sft", "rm",
+                "data"}
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `run_stage` does with a stage: "skip" it (its results are read back from eval.json),
+    or train it, continuing its checkpoint (resume) or starting over in its folder (overwrite);
+    make_pairs: the reward-model stage samples its preference pairs first. note: printed first."""
+    action: str = "train"
+    resume: bool = False
+    overwrite: bool = False
+    make_pairs: bool = True
+    note: str = ""
+
+
+def plan_stages(args, cfgs: dict) -> dict[str, Plan]:
+    """The plan of every stage. Without --resume: train each (--overwrite passed on). With it, in
+    order: a stage is skipped when its outputs are complete (`stage_state`) and every stage it
+    reads was skipped too; else it continues its checkpoint if there is one that loads; else it
+    starts over — in a used folder with --overwrite, as it must when its checkpoint is damaged
+    or a stage it reads is trained again. ValueError when a stage was run with other flags."""
+    if not args.resume:
+        return {name: Plan(overwrite=args.overwrite) for name in cfgs}
+    plans: dict[str, Plan] = {}
+    for name, cfg in cfgs.items():
+        check_same_flags(cfg)
+        redone = [d for d in reads(name) if plans[d].action != "skip"]
+        used = bool(run_files(cfg.out, USED_IF))
+        state, why = stage_state(cfg)
+        # the reward model's pairs, when complete and made from the SFT model that is kept
+        keep_pairs = isinstance(cfg, train_rm.RMConfig) and not redone and bool(
+            pairs_complete(cfg))
+        if redone:  # its inputs are made again: what its folder holds was made from the old ones
+            plans[name] = Plan(overwrite=used, note=(
+                f"{name} starts over: it reads {redone[0]}, which is trained again above"
+                if state != "empty" else ""))
+        elif state == "complete":
+            plans[name] = Plan("skip", note=f"skipped: {why}")
+        elif state == "damaged":
+            plans[name] = Plan(overwrite=True, make_pairs=not keep_pairs,
+                               note=f"{why}: training {name} again from scratch")
+        elif isinstance(cfg, train_rm.RMConfig) and used and not keep_pairs:
+            plans[name] = Plan(overwrite=True, note=f"{cfg.out}: its preference pairs are "
+                               f"incomplete: making them and training {name} again")
+        else:  # stopped midway: continued from its checkpoint; or not started yet
+            plans[name] = Plan(resume=used, make_pairs=not keep_pairs, note=why)
+    return plans
+
+
+def check_same_flags(cfg) -> None:
+    """ValueError if the stage's folder holds a run of another config (OUT/config.json, written
+    at its start and with every checkpoint), naming the first field that differs."""
+    try:
+        with open(os.path.join(cfg.out, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # not started yet (or a config.json that its own run will write again)
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for key, value in want.items():
+        if key not in NOT_COMPARED and key in saved and saved[key] != value:
+            raise ValueError(f"--resume: {cfg.out} was run with {key} = {saved[key]!r}, this run "
+                             f"would use {value!r}: resume with the flags it was started with "
+                             f"(--quick, --seed, ...), or pass --overwrite to start over")
+
+
+def stage_state(cfg) -> tuple[str, str]:
+    """(state, why) of a stage's folder: "complete" (eval.json, written last, is there and reads;
+    checkpoint.pt loads, SHA-256 checked; the reward model's pairs are complete), "damaged" (a
+    checkpoint.pt, or the reward model's best.pt, that does not load), "stopped" (a run without
+    its eval.json: it continues from its checkpoint) or "empty"."""
+    script, step = SCRIPTS[type(cfg)], None
+    for name in (CHECKPOINT, "best.pt") if isinstance(cfg, train_rm.RMConfig) else (CHECKPOINT,):
+        path = os.path.join(cfg.out, name)
+        if os.path.exists(path):
+            try:
+                ck = load_checkpoint(path)
+                check_stage(ck, path, script)
+            except CheckpointError as e:
+                return "damaged", str(e)
+            step = ck["step"] if name == CHECKPOINT else step
+    if not run_files(cfg.out, USED_IF):
+        return "empty", ""
+    if step is None:
+        return "stopped", f"{cfg.out} holds a run stopped before its first checkpoint"
+    if read_eval(cfg.out) is None:
+        return "stopped", (f"resuming {cfg.out} from its {CHECKPOINT} (step {step}): the run "
+                           f"stopped before it wrote eval.json")
+    if isinstance(cfg, train_rm.RMConfig) and not pairs_complete(cfg):
+        return "stopped", f"{cfg.out} is finished but its preference pairs are incomplete"
+    return "complete", (f"{cfg.out} is complete (eval.json; {CHECKPOINT} loads): its results "
+                        f"are read from eval.json")
+
+
+def read_eval(folder: str) -> dict | None:
+    """OUT/eval.json, or None if it is missing or does not read as a JSON object."""
+    try:
+        with open(os.path.join(folder, "eval.json")) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def pairs_complete(cfg) -> dict | None:
+    """{file: rows} when the three preference files hold the rows the config asks for."""
+    counts = {}
+    for name, field in PAIR_COUNTS.items():
+        try:
+            with open(os.path.join(cfg.out, name), "rb") as f:
+                counts[name] = sum(1 for line in f if line.strip())
+        except OSError:
+            return None
+        if counts[name] != getattr(cfg, field):
+            return None
+    return counts
+
+
+def recorded_seconds(result: dict) -> float | None:
+    """A skipped stage's seconds: what the pipeline recorded in its eval.json, else its script's
+    own training-loop seconds (plus the pair sampling of a reward model that made its own)."""
+    if "pipeline_seconds" in result:
+        return result["pipeline_seconds"]
+    seconds = result.get("train_seconds")
+    pairs = result.get("make_pairs", {}).get("seconds")
+    return seconds + pairs if seconds is not None and pairs is not None else seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the stages
+# ----------------------------------------------------------------------------------------------
+
+def run_stage(name, cfg, plan: Plan, results, timings):
+    """Train one stage as its plan says (or read a skipped one's results back), printing the
+    command line that does the same alone; record its seconds in its eval.json."""
+    print(f"\n=== {name} ===", flush=True)
+    if plan.note:
+        print(plan.note, flush=True)
+    if plan.action == "skip":
+        results[name] = read_eval(cfg.out)
+        timings[name] = recorded_seconds(results[name])
+        return results[name]
+    cfg = dataclasses.replace(cfg, resume=plan.resume, overwrite=plan.overwrite)
+    module, script = MODULE_OF[type(cfg)], SCRIPTS[type(cfg)]
+    t0, pairs = time.time(), {}
+    if isinstance(cfg, train_rm.RMConfig):
+        if plan.make_pairs:  # the pairs first, by the reward model's script, then training
+            pairs_cfg = dataclasses.replace(cfg, make_pairs=True, pairs_only=True, resume=False)
+            print(f"$ {command_line(pairs_cfg)}", flush=True)
+            pairs = module.train(pairs_cfg, script)
+            cfg = dataclasses.replace(cfg, overwrite=False)  # the pairs run cleared the folder
+        else:
+            print(f"preference pairs complete in {cfg.out} ({pairs_complete(cfg)}): kept, not "
+                  f"sampled again", flush=True)
+    print(f"$ {command_line(cfg)}", flush=True)
+    results[name] = {**pairs, **module.train(cfg, script)}
+    timings[name] = time.time() - t0
+    ev = read_eval(cfg.out)
+    if ev is not None:  # what a later --resume reports as this stage's seconds
+        write_json(os.path.join(cfg.out, "eval.json"), {**ev, "pipeline_seconds": timings[name]})
+    return results[name]
+
+
+def clear_old_run(cfgs: dict, out: str) -> None:
+    """--overwrite: remove the old run's files from every stage's folder (and its summary)
+    before the first stage starts, so that a new run stopped midway resumes with nothing of the
+    old one. The reward model's preference pairs go too: the pipeline makes them again."""
+    for cfg in cfgs.values():
+        names = RUN_FILES + (PAIRS if isinstance(cfg, train_rm.RMConfig) else ())
+        for name in run_files(cfg.out, names):
+            os.remove(os.path.join(cfg.out, name))
+    for name in run_files(out, ("summary.json",)):
+        os.remove(os.path.join(out, name))
 
 
 def closed_form_optimum(args, ppo_cfg, dpo_cfg) -> list[dict]:
@@ -203,8 +446,8 @@ def gap_closed(summary: dict, gold: float) -> float | None:
     return (gold - summary["sft"]["gold"]) / gap if gap > 0 else None
 
 
-def frontier_points(summary: dict, cfgs: dict, args, results: dict, timings: dict) -> list:
-    """Gold against KL for every policy; --sweep trains PPO and DPO at more β for it."""
+def frontier_points(summary: dict, cfgs: dict, results: dict) -> list:
+    """Gold against KL for every policy, with --sweep's PPO and DPO at more β."""
     ppo_cfg, dpo_cfg = cfgs["ppo"], cfgs["dpo"]
     frontier = [{"method": "SFT", "kl": 0.0, "gold": summary["sft"]["gold"]},
                 {"method": "PPO", "kl": summary["ppo"]["kl"], "gold": summary["ppo"]["gold"],
@@ -213,34 +456,45 @@ def frontier_points(summary: dict, cfgs: dict, args, results: dict, timings: dic
                  "gold": summary["ppo_no_kl"]["gold"]},
                 {"method": "DPO", "kl": summary["dpo"]["kl"], "gold": summary["dpo"]["gold"],
                  "label": f"β={dpo_cfg.beta:g}"}]
-    if not args.sweep:
-        return frontier
-    sweep = [("PPO", train_ppo, ppo_cfg, "kl_coef", beta) for beta in (0.01, 0.02, 0.1, 0.5)]
-    sweep += [("DPO", train_dpo, dpo_cfg, "beta", beta) for beta in (0.1, 1.0, 3.0)]
-    for method, module, base, field, beta in sweep:
-        cfg = dataclasses.replace(base, out=f"{args.out}/sweep/{method.lower()}_beta{beta:g}",
-                                  **{field: beta})
-        r = run_stage(f"{method.lower()} β={beta:g}", module, cfg, results, timings)
-        frontier.append({"method": method, "kl": r["sampled"]["kl"],
-                         "gold": r["sampled"]["gold"], "label": f"β={beta:g}"})
+    for name in cfgs:
+        if " β=" in name:  # a --sweep run: "ppo β=0.01"
+            method, beta = name.split(" ")
+            r = results[name]
+            frontier.append({"method": method.upper(), "kl": r["sampled"]["kl"],
+                             "gold": r["sampled"]["gold"], "label": beta})
     return frontier
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cfgs = stage_configs(args)  # SFT -> RM -> PPO -> PPO β = 0 -> DPO (-> --sweep's runs)
+    try:
+        plans = plan_stages(args, cfgs)  # --resume: what each stage's folder holds
+    except ValueError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        raise SystemExit(2)
     if args.quick:
         print(SMOKE, flush=True)
+    if args.overwrite:
+        clear_old_run(cfgs, args.out)
+    try:
+        return run_pipeline(args, cfgs, plans)
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError,
+            train_rm.PairsError) as e:
+        fail(PROG, str(e))
+
+
+def run_pipeline(args, cfgs: dict, plans: dict) -> dict:
     t_start, results, timings = time.time(), {}, {}
-    cfgs = stage_configs(args)
-    for name, cfg in cfgs.items():  # SFT -> RM -> PPO -> PPO β = 0 -> DPO
-        run_stage(name, MODULES[name], cfg, results, timings)
+    for name, cfg in cfgs.items():
+        run_stage(name, cfg, plans[name], results, timings)
     world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
     t0 = time.time()
     curve = closed_form_optimum(args, cfgs["ppo"], cfgs["dpo"])
     timings["kl_optimum"] = time.time() - t0
     summary = summarize(results, timings, world)
     summary["quick"] = args.quick  # a smoke run: its numbers say the code runs, nothing more
-    frontier = frontier_points(summary, cfgs, args, results, timings)
+    frontier = frontier_points(summary, cfgs, results)
     summary["frontier"] = frontier
     summary["kl_optimum"] = {"points": curve, "seconds": timings["kl_optimum"],
                              "ppo": next(c for c in curve if c["beta"] == cfgs["ppo"].kl_coef),
@@ -248,7 +502,7 @@ def main(argv=None):
     for point in (summary["kl_optimum"]["ppo"], summary["kl_optimum"]["dpo"],
                   summary["kl_optimum"]["ppo"]["reward_model"]):
         point["gap_closed"] = gap_closed(summary, point["gold"])
-    summary["total_seconds"] = time.time() - t_start
+    summary["total_seconds"] = time.time() - t_start  # this invocation's (module docstring)
     os.makedirs(args.out, exist_ok=True)
     figures = draw_all(args.out, summary, frontier, curve)
     write_json(os.path.join(args.out, "summary.json"), summary)

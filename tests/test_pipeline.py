@@ -1,12 +1,28 @@
 """`python -m minirlhf.pipeline --quick` end to end: every stage runs through the scripts' own
-code, summary.json has every key the contract names with finite numbers, and the figures exist."""
+code, summary.json has every key the contract names with finite numbers, and the figures exist.
+`--resume`: a run stopped in any stage — after the stage's first checkpoint, or after the reward
+model's pairs — ends with the summary.json of a run never stopped; a finished run is skipped
+stage by stage; a damaged checkpoint in a finished stage trains that stage again. Bad flags end
+in one line.
+
+Time (2 cores, load ~3 from other work, measured): one uninterrupted quick run shared by the
+module (`quick_run`, 19 s), the run stopped in every stage (19 s: one pipeline's work plus what
+each stop redoes), the damaged DPO checkpoint (5 s), the finished run resumed (2 s: the
+closed-form optimum and the figures again), the rest well under a second; the file, 45 s."""
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
 
 import pytest
+import torch
 
-from minirlhf import pipeline
+import train_ppo
+import train_rm
+from minirlhf import pipeline, training
+from minirlhf.checkpoint import load_checkpoint
 
 KEYS = {"world": {"demonstrators_gold", "optimum_gold", "n_test_prompts"},
         "sft": {"gold", "accuracy", "seconds"},
@@ -14,25 +30,53 @@ KEYS = {"world": {"demonstrators_gold", "optimum_gold", "n_test_prompts"},
         "ppo": {"gold", "accuracy", "kl", "proxy", "seconds"},
         "ppo_no_kl": {"gold", "proxy", "kl", "seconds"},
         "dpo": {"gold", "accuracy", "kl", "seconds"}}
+STAGES = ("sft", "rm", "ppo", "ppo_no_kl", "dpo")
+QUICK = ["--quick", "--device", "cpu"]
 
 
-def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted quick pipeline: (its --out, what main returned, what it printed)."""
+    out = str(tmp_path_factory.mktemp("pipeline") / "run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = pipeline.main(["--out", out] + QUICK)
+    return out, summary, printed.getvalue()
+
+
+def without_seconds(x):
+    """summary.json less its wall-clock seconds: what a resumed run must reproduce."""
+    if isinstance(x, dict):
+        return {k: without_seconds(v) for k, v in x.items() if k not in ("seconds",
+                                                                        "total_seconds")}
+    if isinstance(x, list):
+        return [without_seconds(v) for v in x]
+    return x
+
+
+def summary_of(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_quick_pipeline_writes_summary_and_figures(quick_run, capsys):
     """All stages run; summary.json holds every contract key with a finite number; each stage's
     command line is printed; the four figures are written. The results table opens by saying it
     is a smoke run whose numbers mean nothing, and summary.json says "quick". A second run into
     the same --out is refused in one line naming --overwrite."""
-    out = str(tmp_path / "run")
-    summary = pipeline.main(["--out", out, "--quick", "--device", "cpu"])
-    on_disk = json.load(open(os.path.join(out, "summary.json")))
+    out, summary, printed = quick_run
+    on_disk = summary_of(out)
     assert on_disk["total_seconds"] == summary["total_seconds"] > 0
     assert on_disk["quick"] is True
     for section, keys in KEYS.items():
         for key in keys:
             value = on_disk[section][key]
             assert isinstance(value, (int, float)) and math.isfinite(value), (section, key, value)
-    printed = capsys.readouterr().out
     for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py"):
         assert f"$ python {script} --out {out}" in printed
+    # the reward model's stage: its pairs, then training on them, both by train_rm.py
+    assert f"$ python train_rm.py --out {out}/rm --sft {out}/sft --make-pairs --pairs-only " \
+           in printed
     assert "--kl-coef 0.0" in printed  # the β = 0 run is the same script with one flag changed
     table = printed[printed.index("\nbuilt-in world: ") - len(pipeline.SMOKE) - 1:]
     assert table.startswith(pipeline.SMOKE + "\n")  # the table's header: a smoke run
@@ -54,13 +98,199 @@ def test_quick_pipeline_writes_summary_and_figures(tmp_path, capsys):
     for name in ("losses", "hacking", "frontier", "calibration"):
         path = os.path.join(out, "figures", f"{name}.png")
         assert os.path.getsize(path) > 1000
-    for stage in ("sft", "rm", "ppo", "ppo_no_kl", "dpo"):
+    for stage in STAGES:
         assert os.path.exists(os.path.join(out, stage, "checkpoint.pt"))
+        # each stage's seconds are kept in its eval.json, for a later --resume to report
+        with open(os.path.join(out, stage, "eval.json")) as f:
+            assert json.load(f)["pipeline_seconds"] == on_disk[stage]["seconds"]
     with pytest.raises(SystemExit) as e:
-        pipeline.main(["--out", out, "--quick", "--device", "cpu"])
+        pipeline.main(["--out", out] + QUICK)
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"python -m minirlhf.pipeline: error: {out} already holds a pipeline run "
         f"(sft/checkpoint.pt); pass --overwrite to start over\n")
+
+
+class Interrupted(Exception):
+    """Stands in for a SIGKILL that lands right after a write."""
+
+
+def stop_after_first_save(monkeypatch, folder):
+    """Make the stage writing into `folder` stop right after its first checkpoint.pt there
+    (train_sft/rm/dpo.py save through training.save_run, train_ppo.py calls save_stage)."""
+    for module in (training, train_ppo):
+        real = module.save_stage
+
+        def wrapped(out, *args, _real=real, **kwargs):
+            path = _real(out, *args, **kwargs)
+            if os.path.normpath(out) == os.path.normpath(folder):
+                raise Interrupted
+            return path
+        monkeypatch.setattr(module, "save_stage", wrapped)
+
+
+def test_a_run_stopped_in_every_stage_resumes_to_the_same_summary(quick_run, tmp_path, capsys,
+                                                                   monkeypatch):
+    """One quick run, stopped seven times: in SFT after its first checkpoint (step 30 of 60),
+    in the reward-model stage once its pairs are written and before training starts, again after
+    its first checkpoint (step 8 of 16), then in PPO, PPO β = 0 (iteration 2 of 3) and DPO
+    (step 5 of 10); each time `--resume` continues. Finished stages are skipped, the stopped one
+    continues from its checkpoint with its script's --resume, the pairs are not sampled again.
+    The end: the uninterrupted run's summary.json (all but seconds) and the same weights."""
+    ref, _, _ = quick_run
+    out = str(tmp_path / "run")
+    argv = ["--out", out] + QUICK
+
+    def run(stop, resume=True):
+        with monkeypatch.context() as m:
+            stop(m)
+            with pytest.raises(Interrupted):
+                pipeline.main(argv + (["--resume"] if resume else []))
+        return capsys.readouterr().out
+
+    def stop_before_rm_training(m):
+        def interrupted(*args):
+            raise Interrupted
+        m.setattr(train_rm, "load_reward_model", interrupted)
+
+    def no_pairs_again(m):  # and the reward model stops after its first checkpoint
+        def refused(*args):
+            raise AssertionError("preference pairs sampled again")
+        m.setattr(train_rm, "make_pairs_main", refused)
+        stop_after_first_save(m, f"{out}/rm")
+
+    # a fresh run with --resume: nothing to resume, every stage starts
+    printed = run(lambda m: stop_after_first_save(m, f"{out}/sft"))
+    assert load_checkpoint(f"{out}/sft/checkpoint.pt")["step"] == 30
+    assert not os.path.exists(f"{out}/sft/eval.json") and "skipped" not in printed
+    printed = run(stop_before_rm_training)
+    assert (f"resuming {out}/sft from its checkpoint.pt (step 30): the run stopped before it "
+            f"wrote eval.json\n$ python train_sft.py --out {out}/sft --resume ") in printed
+    assert f"resumed from {out}/sft/checkpoint.pt at step 30" in printed
+    assert sorted(os.listdir(f"{out}/rm")) == ["prefs.jsonl", "prefs_test.jsonl",
+                                               "prefs_val.jsonl"]
+    printed = run(no_pairs_again)
+    assert f"skipped: {out}/sft is complete" in printed
+    assert (f"preference pairs complete in {out}/rm ({{'prefs.jsonl': 128, 'prefs_val.jsonl': "
+            f"32, 'prefs_test.jsonl': 64}}): kept, not sampled again") in printed
+    assert "--make-pairs" not in printed and "--pairs-only" not in printed
+    for stage, step in (("ppo", 8), ("ppo_no_kl", 2), ("dpo", 2)):
+        printed = run(lambda m: stop_after_first_save(m, f"{out}/{stage}"))
+        stopped = {"ppo": "rm", "ppo_no_kl": "ppo", "dpo": "ppo_no_kl"}[stage]
+        assert (f"resuming {out}/{stopped} from its checkpoint.pt (step {step}): the run stopped "
+                f"before it wrote eval.json") in printed
+        assert printed.count("skipped: ") == STAGES.index(stopped)
+    with monkeypatch.context() as m:
+        m.setattr(train_rm, "make_pairs_main", lambda *args: pytest.fail("pairs sampled again"))
+        pipeline.main(argv + ["--resume"])
+    printed = capsys.readouterr().out
+    assert f"resuming {out}/dpo from its checkpoint.pt (step 5)" in printed
+    assert printed.count("skipped: ") == 4
+    assert without_seconds(summary_of(out)) == without_seconds(summary_of(ref))
+    for stage in STAGES:
+        a, b = load_checkpoint(f"{out}/{stage}/checkpoint.pt"), load_checkpoint(
+            f"{ref}/{stage}/checkpoint.pt")
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), stage
+
+
+def test_a_finished_run_resumed_skips_every_stage(quick_run, tmp_path, capsys):
+    """--resume on a finished run (moved to another folder: the skip accepts it) trains nothing:
+    every stage is skipped, its results read back from its eval.json, its seconds those it took,
+    and the same summary.json is written again."""
+    ref, _, _ = quick_run
+    out = str(tmp_path / "moved")
+    shutil.copytree(ref, out)
+    os.remove(os.path.join(out, "summary.json"))
+    pipeline.main(["--out", out, "--resume"] + QUICK)
+    printed = capsys.readouterr().out
+    for stage in STAGES:
+        assert (f"=== {stage} ===\nskipped: {out}/{stage} is complete (eval.json; checkpoint.pt "
+                f"loads): its results are read from eval.json\n") in printed
+    assert "$ python" not in printed
+    assert without_seconds(summary_of(out)) == without_seconds(summary_of(ref))
+    assert {s: summary_of(out)[s]["seconds"] for s in STAGES} == {
+        s: summary_of(ref)[s]["seconds"] for s in STAGES}
+
+
+def test_a_damaged_checkpoint_in_a_finished_stage_trains_it_again(quick_run, tmp_path, capsys):
+    """A finished stage whose checkpoint.pt has a changed byte (its SHA-256 does not match) is
+    not trusted: --resume trains that stage again from scratch, saying why, and the summary is
+    the uninterrupted run's. (Stages that read it would start over too; DPO has none.)"""
+    ref, _, _ = quick_run
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    path = os.path.join(out, "dpo", "checkpoint.pt")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    pipeline.main(["--out", out, "--resume"] + QUICK)
+    printed = capsys.readouterr().out
+    assert printed.count("skipped: ") == 4
+    assert f"=== dpo ===\n{path}: damaged checkpoint" in printed
+    assert (f": training dpo again from scratch\n$ python train_dpo.py --out {out}/dpo --sft "
+            f"{out}/sft --data {out}/rm/prefs.jsonl --overwrite ") in printed
+    load_checkpoint(path)  # whole again
+    assert without_seconds(summary_of(out)) == without_seconds(summary_of(ref))
+
+
+def test_a_damaged_reward_model_is_trained_again_with_the_stages_that_read_it(quick_run,
+                                                                            tmp_path):
+    """The plan (nothing runs): a finished reward model whose checkpoint.pt is cut short is
+    trained again in its folder (--overwrite) on the pairs it has (complete: not sampled again);
+    PPO, PPO β = 0 and DPO read it, so they start over too; SFT is skipped."""
+    ref, _, _ = quick_run
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    path = os.path.join(out, "rm", "checkpoint.pt")
+    os.truncate(path, os.path.getsize(path) - 100)
+    args = pipeline.parse_args(["--out", out, "--resume"] + QUICK)
+    plans = pipeline.plan_stages(args, pipeline.stage_configs(args))
+    assert plans["sft"].action == "skip"
+    rm = plans["rm"]
+    assert (rm.action, rm.resume, rm.overwrite, rm.make_pairs) == ("train", False, True, False)
+    assert rm.note.startswith(f"{path}: ") and rm.note.endswith(": training rm again from scratch")
+    for stage in ("ppo", "ppo_no_kl", "dpo"):
+        plan = plans[stage]
+        assert (plan.action, plan.resume, plan.overwrite) == ("train", False, True)
+        assert plan.note == f"{stage} starts over: it reads rm, which is trained again above"
+
+
+def test_resume_refuses_a_run_made_with_other_flags(quick_run, capsys):
+    """--resume with flags other than the run's (here without --quick) is refused in one line
+    before anything runs, naming the stage and the first setting that differs."""
+    ref, _, _ = quick_run
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--out", ref, "--resume", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"python -m minirlhf.pipeline: error: --resume: {ref}/sft was run with ")
+    assert "or pass --overwrite to start over" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
+    (["--out", "{file}"], "--out {file}: {file} is a file, not a folder"),
+    (["--out", "{file}/run"], "--out {file}/run: {file} is a file, not a folder"),
+    (["--out", ""], "--out must name a folder, not ''"),
+    (["--resume", "--overwrite"],
+     "--resume continues the run in --out, --overwrite starts it over: give one"),
+])
+def test_bad_flags_end_in_one_line(tmp_path, capsys, flags, message):
+    """Every stage's config is checked as its script checks it, and --out must be a folder,
+    before any stage starts: one line, exit 2, nothing written."""
+    file = tmp_path / "a_file"
+    file.write_text("")
+    flags = [f.format(file=file) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(flags + ["--quick"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"python -m minirlhf.pipeline: error: "
+                                       f"{message.format(file=file)}\n")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
 def test_overwrite_and_verbose_reach_every_stage(tmp_path):
@@ -74,7 +304,6 @@ def test_overwrite_and_verbose_reach_every_stage(tmp_path):
 def test_command_line_lists_only_changed_flags():
     """The printed command reproduces a config: defaults are omitted, booleans become
     --flag / --no-flag, other values follow their flag."""
-    import train_ppo
     cfg = train_ppo.PPOConfig(kl_coef=0.0, whiten=False, out="x")
     line = pipeline.command_line(cfg)
     assert line == "python train_ppo.py --out x --kl-coef 0.0 --no-whiten"
