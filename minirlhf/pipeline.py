@@ -9,9 +9,10 @@
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
 equivalent command line is printed before it starts, so any stage can be rerun alone. The
-reward-model stage is two commands: `train_rm.py --make-pairs --pairs-only` writes the preference
-pairs, then `train_rm.py` trains on them (so that a resumed run can keep finished pairs and still
-start the reward model from the random state an uninterrupted run starts it from).
+reward-model stage samples its preference pairs and trains on them in one command
+(`train_rm.py --make-pairs`); resumed from its checkpoint it keeps its pairs, and started over it
+samples them again (the same pairs: the seed decides them), so that its reward model starts from
+the random state an uninterrupted run starts it from.
 All policies are judged the same way: 16 samples per held-out test prompt at temperature 1
 (what RLHF optimises; docs/design.md), with greedy numbers beside them in each stage's eval.json.
 
@@ -178,9 +179,9 @@ def stage_configs(args) -> dict:
                                iterations=min(ppo.iterations, 40))
     dpo = shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
                                      data=f"{out}/rm/prefs.jsonl", **common))
-    # the reward model trains on the pairs in its folder; `run_stage` makes them first
     cfgs = {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)),
-            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", **common)),
+            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True,
+                                           **common)),
             "ppo": ppo, "ppo_no_kl": hack, "dpo": dpo}
     if args.sweep:
         for method, base, field, betas in (("ppo", ppo, "kl_coef", (0.01, 0.02, 0.1, 0.5)),
@@ -249,13 +250,12 @@ def plan_stages(args, cfgs: dict) -> dict[str, Plan]:
         elif state == "complete":
             plans[name] = Plan("skip", note=f"skipped: {why}")
         elif state == "damaged":
-            plans[name] = Plan(overwrite=True, make_pairs=not keep_pairs,
-                               note=f"{why}: training {name} again from scratch")
+            plans[name] = Plan(overwrite=True, note=f"{why}: training {name} again from scratch")
         elif isinstance(cfg, train_rm.RMConfig) and used and not keep_pairs:
             plans[name] = Plan(overwrite=True, note=f"{cfg.out}: its preference pairs are "
                                f"incomplete: making them and training {name} again")
         else:  # stopped midway: continued from its checkpoint; or not started yet
-            plans[name] = Plan(resume=used, make_pairs=not keep_pairs, note=why)
+            plans[name] = Plan(resume=used, make_pairs=not used, note=why)
     return plans
 
 
@@ -353,18 +353,14 @@ def run_stage(name, cfg, plan: Plan, results, timings):
         return results[name]
     cfg = dataclasses.replace(cfg, resume=plan.resume, overwrite=plan.overwrite)
     module, script = MODULE_OF[type(cfg)], SCRIPTS[type(cfg)]
-    t0, pairs = time.time(), {}
-    if isinstance(cfg, train_rm.RMConfig):
-        if plan.make_pairs:  # the pairs first, by the reward model's script, then training
-            pairs_cfg = dataclasses.replace(cfg, make_pairs=True, pairs_only=True, resume=False)
-            print(f"$ {command_line(pairs_cfg)}", flush=True)
-            pairs = module.train(pairs_cfg, script)
-            cfg = dataclasses.replace(cfg, overwrite=False)  # the pairs run cleared the folder
-        else:
+    t0 = time.time()
+    if isinstance(cfg, train_rm.RMConfig):  # pairs sampled when the stage starts, kept after
+        cfg = dataclasses.replace(cfg, make_pairs=plan.make_pairs)
+        if not plan.make_pairs:
             print(f"preference pairs complete in {cfg.out} ({pairs_complete(cfg)}): kept, not "
                   f"sampled again", flush=True)
     print(f"$ {command_line(cfg)}", flush=True)
-    results[name] = {**pairs, **module.train(cfg, script)}
+    results[name] = module.train(cfg, script)
     timings[name] = time.time() - t0
     ev = read_eval(cfg.out)
     if ev is not None:  # what a later --resume reports as this stage's seconds

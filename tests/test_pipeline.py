@@ -74,9 +74,8 @@ def test_quick_pipeline_writes_summary_and_figures(quick_run, capsys):
             assert isinstance(value, (int, float)) and math.isfinite(value), (section, key, value)
     for script in ("train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py"):
         assert f"$ python {script} --out {out}" in printed
-    # the reward model's stage: its pairs, then training on them, both by train_rm.py
-    assert f"$ python train_rm.py --out {out}/rm --sft {out}/sft --make-pairs --pairs-only " \
-           in printed
+    # the reward model's stage samples its pairs and trains on them, in one command
+    assert f"$ python train_rm.py --out {out}/rm --sft {out}/sft --make-pairs " in printed
     assert "--kl-coef 0.0" in printed  # the β = 0 run is the same script with one flag changed
     table = printed[printed.index("\nbuilt-in world: ") - len(pipeline.SMOKE) - 1:]
     assert table.startswith(pipeline.SMOKE + "\n")  # the table's header: a smoke run
@@ -131,10 +130,11 @@ def stop_after_first_save(monkeypatch, folder):
 def test_a_run_stopped_in_every_stage_resumes_to_the_same_summary(quick_run, tmp_path, capsys,
                                                                    monkeypatch):
     """One quick run, stopped seven times: in SFT after its first checkpoint (step 30 of 60),
-    in the reward-model stage once its pairs are written and before training starts, again after
-    its first checkpoint (step 8 of 16), then in PPO, PPO β = 0 (iteration 2 of 3) and DPO
-    (step 5 of 10); each time `--resume` continues. Finished stages are skipped, the stopped one
-    continues from its checkpoint with its script's --resume, the pairs are not sampled again.
+    in the reward-model stage once its pairs are written and before training starts (it has no
+    checkpoint yet, so it starts over and samples the same pairs again), again after its first
+    checkpoint (step 8 of 16; continued with its pairs kept), then in PPO, PPO β = 0 (iteration
+    2 of 3) and DPO (step 5 of 10); each time `--resume` continues. Finished stages are skipped,
+    the stopped one continues from its checkpoint with its script's --resume.
     The end: the uninterrupted run's summary.json (all but seconds) and the same weights."""
     ref, _, _ = quick_run
     out = str(tmp_path / "run")
@@ -152,11 +152,6 @@ def test_a_run_stopped_in_every_stage_resumes_to_the_same_summary(quick_run, tmp
             raise Interrupted
         m.setattr(train_rm, "load_reward_model", interrupted)
 
-    def no_pairs_again(m):  # and the reward model stops after its first checkpoint
-        def refused(*args):
-            raise AssertionError("preference pairs sampled again")
-        m.setattr(train_rm, "make_pairs_main", refused)
-        stop_after_first_save(m, f"{out}/rm")
 
     # a fresh run with --resume: nothing to resume, every stage starts
     printed = run(lambda m: stop_after_first_save(m, f"{out}/sft"))
@@ -168,17 +163,21 @@ def test_a_run_stopped_in_every_stage_resumes_to_the_same_summary(quick_run, tmp
     assert f"resumed from {out}/sft/checkpoint.pt at step 30" in printed
     assert sorted(os.listdir(f"{out}/rm")) == ["prefs.jsonl", "prefs_test.jsonl",
                                                "prefs_val.jsonl"]
-    printed = run(no_pairs_again)
+    pairs = open(f"{out}/rm/prefs.jsonl").read()
+    printed = run(lambda m: stop_after_first_save(m, f"{out}/rm"))
     assert f"skipped: {out}/sft is complete" in printed
-    assert (f"preference pairs complete in {out}/rm ({{'prefs.jsonl': 128, 'prefs_val.jsonl': "
-            f"32, 'prefs_test.jsonl': 64}}): kept, not sampled again") in printed
-    assert "--make-pairs" not in printed and "--pairs-only" not in printed
+    assert f"$ python train_rm.py --out {out}/rm --sft {out}/sft --make-pairs " in printed
+    assert open(f"{out}/rm/prefs.jsonl").read() == pairs  # sampled again: the same pairs
     for stage, step in (("ppo", 8), ("ppo_no_kl", 2), ("dpo", 2)):
         printed = run(lambda m: stop_after_first_save(m, f"{out}/{stage}"))
         stopped = {"ppo": "rm", "ppo_no_kl": "ppo", "dpo": "ppo_no_kl"}[stage]
         assert (f"resuming {out}/{stopped} from its checkpoint.pt (step {step}): the run stopped "
                 f"before it wrote eval.json") in printed
         assert printed.count("skipped: ") == STAGES.index(stopped)
+        if stopped == "rm":  # continued from its checkpoint: its pairs are kept
+            assert (f"preference pairs complete in {out}/rm ({{'prefs.jsonl': 128, "
+                    f"'prefs_val.jsonl': 32, 'prefs_test.jsonl': 64}}): kept, not sampled "
+                    f"again") in printed and "--make-pairs" not in printed
     with monkeypatch.context() as m:
         m.setattr(train_rm, "make_pairs_main", lambda *args: pytest.fail("pairs sampled again"))
         pipeline.main(argv + ["--resume"])
@@ -237,7 +236,8 @@ def test_a_damaged_checkpoint_in_a_finished_stage_trains_it_again(quick_run, tmp
 def test_a_damaged_reward_model_is_trained_again_with_the_stages_that_read_it(quick_run,
                                                                             tmp_path):
     """The plan (nothing runs): a finished reward model whose checkpoint.pt is cut short is
-    trained again in its folder (--overwrite) on the pairs it has (complete: not sampled again);
+    trained again in its folder (--overwrite), its pairs sampled again (the same pairs, and its
+    head drawn from the state an uninterrupted run draws it from);
     PPO, PPO β = 0 and DPO read it, so they start over too; SFT is skipped."""
     ref, _, _ = quick_run
     out = str(tmp_path / "run")
@@ -248,7 +248,7 @@ def test_a_damaged_reward_model_is_trained_again_with_the_stages_that_read_it(qu
     plans = pipeline.plan_stages(args, pipeline.stage_configs(args))
     assert plans["sft"].action == "skip"
     rm = plans["rm"]
-    assert (rm.action, rm.resume, rm.overwrite, rm.make_pairs) == ("train", False, True, False)
+    assert (rm.action, rm.resume, rm.overwrite, rm.make_pairs) == ("train", False, True, True)
     assert rm.note.startswith(f"{path}: ") and rm.note.endswith(": training rm again from scratch")
     for stage in ("ppo", "ppo_no_kl", "dpo"):
         plan = plans[stage]
