@@ -160,11 +160,27 @@ def load_hf_vocab(path: str, specials=("<|endoftext|>",)) -> dict[bytes, int]:
         raise TokenizerError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
     byte_of = gpt2_byte_decoder()
     try:
-        return {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items()
-                if tok not in specials}
+        ranks = {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items()
+                 if tok not in specials}
     except (KeyError, TypeError, ValueError, AttributeError):
         raise TokenizerError(f"{path}: not a GPT-2 vocab.json (token -> id in GPT-2's byte "
                              f"spelling)") from None
+    check_complete(ranks, path)
+    return ranks
+
+
+def check_complete(ranks: dict[bytes, int], path: str) -> None:
+    """Refuse a token table with holes: its ids must be 0..N-1, each once, and every single
+    byte must be a token (else a sampled id, or some text, would have no bytes to decode to)."""
+    ids = sorted(ranks.values())
+    if ids != list(range(len(ids))):
+        gap = next((i for i, r in enumerate(ids) if i != r), len(ids))
+        raise TokenizerError(f"{path}: incomplete token table: id {gap} is missing or repeated "
+                             f"(ids must run 0..{len(ids) - 1})")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{path}: incomplete token table: byte {missing[0]} has no token "
+                             f"({len(missing)} of the 256 bytes missing)")
 
 
 def gpt2_byte_encoder() -> dict[int, str]:
@@ -306,7 +322,19 @@ class Tokenizer:
         return self.enc.encode(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
+        """ids -> text. An id without bytes in the table (a model may sample any id of its
+        embedding, which can be larger than a stand-in table) reads as U+FFFD, not a crash."""
+        ids = list(ids)
+        try:
+            return self.enc.decode(ids)
+        except KeyError:  # an id the table lacks: U+FFFD in its place
+            parts = []
+            for i in ids:
+                try:
+                    parts.append(self.enc.decode_single_token_bytes(i))
+                except KeyError:
+                    parts.append("\ufffd".encode())
+            return b"".join(parts).decode("utf-8", "replace")
 
     # --- chat template ------------------------------------------------------------------
     def render_prompt(self, prompt: str) -> list[int]:

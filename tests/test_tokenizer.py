@@ -210,3 +210,30 @@ def test_train_command_errors_are_one_line(tmp_path, capsys, args, words):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and words in err
     assert not (tmp_path / "t").exists()  # nothing written
+
+
+def test_an_incomplete_vocab_json_is_refused_in_one_line(tmp_path):
+    """A vocab.json with a hole in its ids, or without a token for some byte, is refused at
+    load (a sampled id, or some text, would have nothing to decode to)."""
+    import json
+    from minirlhf.tokenizer import gpt2_byte_encoder
+    spell = gpt2_byte_encoder()
+    vocab = {spell[b]: b for b in range(256)}
+    vocab[spell[10] + spell[10]] = 256
+    for broken, words in (({**vocab, spell[32] + spell[97]: 258}, "id 257 is missing"),
+                          ({k: v for k, v in vocab.items() if v != 7} | {"xx": 7},
+                           "byte 7 has no token")):
+        path = tmp_path / "vocab.json"
+        path.write_text(json.dumps({**broken, "<|endoftext|>": 50256}))
+        with pytest.raises(TokenizerError, match=words) as e:
+            Tokenizer.gpt2(str(path))
+        assert "\n" not in str(e.value)
+    path.write_text(json.dumps({**vocab, "<|endoftext|>": 50256}))
+    assert Tokenizer.gpt2(str(path)).decode([104, 105]) == "hi"
+
+
+def test_decoding_an_id_the_table_lacks_gives_a_replacement_character(tok):
+    """A model's embedding may be larger than its tokenizer's table (GPT-2 pads it to 50304
+    rows): an id without bytes decodes to U+FFFD in its place, the rest as usual."""
+    ids = tok.encode("sea shore")
+    assert tok.decode(ids + [10**6] + ids) == "sea shore\ufffdsea shore"
