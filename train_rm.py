@@ -216,7 +216,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
         return result
 
     # --- the final model: the best checkpoint, rewards centred on the SFT policy ---
-    policy = load_stage(cfg.policy or cfg.sft, "gpt", device)[0]  # the policy PPO starts from
+    with torch.random.fork_rng(devices=[]):  # building it draws no number the run saves
+        policy = load_stage(cfg.policy or cfg.sft, "gpt", device)[0]  # PPO starts from it
     shift, centre = best_model_centred(cfg, rm, train_pairs, prompts, policy, tok, device)
     extra = {"best_val_loss": best, "bad_evals": bad_evals, "reward_shift": shift, "finished": True}
     save_run(cfg, step, rm, optimizer, tok, "scalar", extra)
