@@ -415,7 +415,8 @@ def main(argv=None):
     cfg = parse_config(DPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

@@ -605,7 +605,8 @@ def main(argv=None):
     cfg = parse_config(PPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError, ValueError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError, ValueError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

@@ -543,7 +543,8 @@ def main(argv=None):
     cfg = parse_config(RMConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError, PairsError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError, PairsError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

@@ -425,7 +425,8 @@ def main(argv=None):
                        '  Also: train_sft.py --explain OUT "prompt" "response".')
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

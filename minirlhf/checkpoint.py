@@ -7,7 +7,9 @@
 
 Safety rules (docs/design.md, "Reliability"):
 - Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to disk,
-  then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact.
+  then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact;
+  a write that fails (a full disk, a read-only folder) removes its temporary file and stops the
+  run with one line naming the file and the cause.
 - Every byte is covered: after torch.save's bytes comes a trailer with their SHA-256, checked
   before anything is unpickled, so a flipped byte anywhere is refused (torch.load ignores the
   trailer). A checkpoint records the script that wrote it; --resume refuses another script's.
@@ -26,7 +28,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, replacing
 from .gpt2 import load_gpt2_stage
 from .model import GPT, GPTConfig, ScalarHeadModel
 
@@ -71,9 +73,11 @@ def verify_file(path: str) -> bool:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    """torch.save `obj` to `path` atomically, with the SHA-256 trailer (`replacing`). A failed
+    write (a full disk, a read-only folder, Ctrl-C) leaves no temporary file, and the file at
+    `path`, the last good checkpoint, as it was; disk errors become one-line CheckpointErrors."""
+    with replacing(path, CheckpointError, "; the last good checkpoint is kept") as tmp:
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -82,11 +86,13 @@ def atomic_torch_save(obj, path: str) -> None:
             f.write(TRAILER + digest.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a failed write (disk full, Ctrl-C) leaves no half-written temp file
-        raise
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (`replacing`): the whole new file or the old one, never half."""
+    with replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
@@ -228,10 +234,7 @@ def save_stage(out: str, *, model, model_kind: str, config, tokenizer, step: int
     if dataclasses.is_dataclass(config):  # the run's flags, readable beside the checkpoint
         from .config import config_to_dict
         os.makedirs(out, exist_ok=True)
-        tmp = os.path.join(out, f"config.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(config_to_dict(config), f, indent=2)
-        os.replace(tmp, os.path.join(out, "config.json"))
+        write_json(os.path.join(out, "config.json"), config_to_dict(config))
     path = os.path.join(out, CHECKPOINT)
     save_checkpoint(path, model=model, model_kind=model_kind, config=config, tokenizer=tokenizer,
                     step=step, optimizer=optimizer, rng=rng, extra=extra)

@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 import regex
 import tiktoken
 
-from .errors import TokenizerError
+from .errors import TokenizerError, replacing
 
 # GPT-2's pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -110,13 +110,12 @@ def train_bpe(text: str, vocab_size: int, merge_digits: bool = False) -> dict[by
 def save_ranks(ranks: dict[bytes, int], path: str) -> None:
     """tiktoken's rank-file format: one 'base64(token) rank' line per token; atomic write."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def load_ranks(path: str) -> dict[bytes, int]:

@@ -42,8 +42,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (CHECKPOINT, STAGES, check_compatible, check_stage, load_checkpoint,
-                         rng_state, save_checkpoint, save_stage, set_rng_state)
-from .errors import CheckpointError, NonFiniteError
+                         rng_state, save_checkpoint, save_stage, set_rng_state, write_json)
+from .errors import CheckpointError, NonFiniteError, WriteError, replacing, write_failure
 from .config import config_to_dict, format_config
 from .device import resolve_device, set_precision, uses_bf16
 from .distributed import Dist, setup, shard
@@ -196,10 +196,9 @@ class MetricsLog:
                                           f"is damaged (move it away to resume)") from None
                 if row.get("step", 0) <= resume_step:
                     kept.append(line + "\n")
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            with replacing(path) as tmp:
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
 
     def write(self, step: int, **metrics) -> None:
         if not self.enabled:
@@ -210,9 +209,12 @@ class MetricsLog:
             # NaN is not JSON: an undefined number (the explained variance of a run without a
             # value model) is written as null, so jq and strict parsers read every line
             row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        except OSError as e:  # a full disk: a torn last line, which --resume drops
+            raise WriteError(f"{self.path}: could not write it ({write_failure(e)})") from None
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -303,14 +305,6 @@ def open_log(cfg, start: int | None, dist: Dist) -> MetricsLog:
     if dist.is_main:
         write_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
     return log
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def fail(prog: str, message: str) -> None:
