@@ -15,7 +15,8 @@ Safety rules (docs/design.md, "Reliability"):
   trailer). A checkpoint records the script that wrote it; --resume refuses another script's.
 - Loads use `torch.load(weights_only=True)`: only tensors, numbers, strings, lists and dicts are
   ever unpickled, so a checkpoint cannot run code. A truncated, foreign, damaged, newer or
-  mismatched file gives one clear `CheckpointError` naming the file.
+  mismatched file gives one clear `CheckpointError` naming the file, and so do weights that
+  hold NaN or inf.
 """
 from __future__ import annotations
 
@@ -168,7 +169,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if unknown:
         raise CheckpointError(f"{path}: model_config field {sorted(unknown)[0]!r} is unknown "
                               f"to this minirlhf (written by a newer version?)")
+    check_finite_weights(ck["model"], path)
     return ck
+
+
+def check_finite_weights(state, path: str) -> None:
+    """Refuse weights that hold NaN or inf: no stage is worth loading once one is there. (Runs
+    stop before such an update, but a file can come from elsewhere.)"""
+    tensors = state.items() if isinstance(state, dict) else ()
+    bad = next((name for name, t in tensors if isinstance(t, torch.Tensor)
+                and t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: the weights hold NaN or inf values, first in {bad} "
+                              f"(a diverged run?)")
 
 
 def check_stage(ck: dict, path: str, script: str) -> None:
@@ -267,7 +280,9 @@ def load_stage(path: str, kind: str | None = None, device="cpu"):
     `gpt2:DIR` loads OpenAI's GPT-2 from a Hugging Face folder instead (minirlhf/gpt2.py), so every
     script that takes a stage (--init, --sft) can start from GPT-2."""
     if path.startswith("gpt2:"):
-        return load_gpt2_stage(path[len("gpt2:"):], kind, device)
+        model, tok, info = load_gpt2_stage(path[len("gpt2:"):], kind, device)
+        check_finite_weights(model.state_dict(), path)
+        return model, tok, info
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     ck_path = os.path.join(folder, CHECKPOINT) if os.path.isdir(path) else path
     ck = load_checkpoint(ck_path)
