@@ -158,6 +158,11 @@ class RMConfig:
         if self.pairs_only and not self.make_pairs:
             raise ValueError("--pairs-only needs --make-pairs")
 
+    def unused_paths(self):
+        """The path flags this run never reads (`training.check_paths` skips them): --sft when
+        --pairs-only has --policy write the pairs."""
+        return ("sft",) if self.pairs_only and self.policy else ()
+
 
 def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     """Preference pairs (with --make-pairs); the reward model and optimizer; then per step: a

@@ -38,6 +38,7 @@ from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
 from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, stage_scorer
+from minirlhf.gpt2 import gpt2_tokenizer
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, TokenizerError
@@ -108,7 +109,7 @@ class SFTConfig:
     block_size: int = 96              # longest prompt + response, in tokens
     vocab_size: int = 512             # BPE tokens of the world tokenizer (specials on top)
     tokenizer: str | None = None      # a tokenizer folder (or .tiktoken file) from python -m
-                                      # minirlhf.tokenizer train; none = the world's
+                                      # minirlhf.tokenizer train, or gpt2:DIR; none = the world's
     # data
     n_examples: int = 20000           # demonstrations drawn from the world's writers
     truncate: bool = False            # skip over-long examples instead of stopping with an error
@@ -233,7 +234,10 @@ def load_model(cfg: SFTConfig, ck: dict | None, device) -> tuple[GPT, object]:
 
 
 def own_tokenizer(path: str) -> Tokenizer:
-    """--tokenizer: a folder holding tokenizer.tiktoken, or the rank file itself."""
+    """--tokenizer: a folder holding tokenizer.tiktoken, or the rank file itself; gpt2:DIR is
+    GPT-2's, from a Hugging Face folder (as every stage flag reads gpt2:DIR)."""
+    if path.startswith("gpt2:"):
+        return gpt2_tokenizer(path[len("gpt2:"):])
     return Tokenizer.load(os.path.join(path, TOKENIZER) if os.path.isdir(path) else path)
 
 

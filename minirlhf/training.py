@@ -12,7 +12,8 @@
   torchrun only rank 0's log writes (`enabled=dist.is_main`).
 - `check_finite`: a NaN or inf in a loss, reward or gradient norm stops the run with a message that
   names the quantity and the step (the last good checkpoint on disk is left as it is).
-- `start_run`: refuses an --out that already holds a run (unless --resume or --overwrite),
+- `start_run`: checks that every path flag names a file or folder that is there
+  (`check_paths`), refuses an --out that already holds a run (unless --resume or --overwrite),
   prints one line (where, on what, how long; the whole config with --verbose), resolves the
   device and the seeds; under torchrun it joins the other processes first and returns who this
   one is (minirlhf/distributed.py).
@@ -35,14 +36,16 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CHECKPOINT, STAGES, check_compatible, check_stage, load_checkpoint,
-                         rng_state, save_checkpoint, save_stage, set_rng_state, write_json)
+from .checkpoint import (CHECKPOINT, STAGES, TOKENIZER, check_compatible, check_stage,
+                         load_checkpoint, rng_state, save_checkpoint, save_stage, set_rng_state,
+                         write_json)
 from .errors import CheckpointError, NonFiniteError, WriteError, replacing, write_failure
 from .config import config_to_dict, format_config
 from .device import resolve_device, set_precision, uses_bf16
@@ -243,6 +246,8 @@ def run_files(folder: str, names=USED_IF) -> list[str]:
 
 def check_out(cfg) -> None:
     """ValueError unless --out is free, or --resume or --overwrite says what to do with it."""
+    if cfg.out == "":
+        raise ValueError("--out '': an empty path")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite starts it over: "
                          "give one")
@@ -259,6 +264,55 @@ def clear_run(cfg) -> None:
             os.remove(os.path.join(cfg.out, name))
 
 
+# ----------------------------------------------------------------------------------------------
+# Every path flag is checked before any work, in one place
+# ----------------------------------------------------------------------------------------------
+
+# The flags that name a path, and what each must name: "data" a file; "stage" a stage folder
+# holding checkpoint.pt (or the file itself), or gpt2:DIR; "tokenizer" a folder holding
+# tokenizer.tiktoken (or the file itself), or gpt2:DIR. None is no path.
+PATH_FLAGS = {"data": "data", "val_data": "data", "test_data": "data", "prompts": "data",
+              "eval_prompts": "data", "sft": "stage", "rm": "stage", "init": "stage",
+              "policy": "stage", "tokenizer": "tokenizer"}
+HOLDS = {"stage": CHECKPOINT, "tokenizer": TOKENIZER}  # what a folder of that kind holds
+
+
+def check_paths(cfg) -> None:
+    """ValueError naming the first path flag (PATH_FLAGS) whose file or folder is not there.
+    Defaults count (train_ppo.py's --sft out/sft); a config's `unused_paths()` names the flags
+    a run with its settings never reads."""
+    unused = cfg.unused_paths() if hasattr(cfg, "unused_paths") else ()
+    for name, kind in PATH_FLAGS.items():
+        value = getattr(cfg, name, None)
+        problem = None if value is None or name in unused else path_problem(value, kind)
+        if problem:
+            raise ValueError(f"--{name.replace('_', '-')} {shown(value)}: {problem}")
+
+
+def path_problem(path: str, kind: str) -> str | None:
+    """What is wrong with a path of this kind (PATH_FLAGS); None if nothing."""
+    if path == "":
+        return "an empty path"
+    if kind != "data" and path.startswith("gpt2:"):
+        return None if os.path.isdir(path[len("gpt2:"):]) else (
+            "no such folder (gpt2:DIR names a Hugging Face GPT-2 folder)")
+    if not os.path.exists(path):
+        return "no such file" if kind == "data" else "no such file or folder"
+    if kind == "data" and os.path.isdir(path):
+        return "a folder, not a file"
+    inner = HOLDS.get(kind)
+    if inner and os.path.isdir(path) and not os.path.isfile(os.path.join(path, inner)):
+        first = " (train that stage first)" if kind == "stage" else ""
+        return f"no {inner} in this folder{first}"
+    return None
+
+
+def shown(path: str) -> str:
+    """A path as a message shows it: quoted if it needs to be ('' when empty), its middle left
+    out past 100 characters."""
+    return shlex.quote(path if len(path) <= 100 else f"{path[:60]}...{path[-30:]}")
+
+
 def run_line(cfg, prog: str, dist: Dist) -> str:
     """The one line a run starts with: where it writes, on what, how long, where its config is."""
     precision = "bf16 autocast" if uses_bf16(dist.device) else "float32"
@@ -273,10 +327,12 @@ def run_line(cfg, prog: str, dist: Dist) -> str:
 
 
 def start_run(cfg, prog: str) -> Dist:
-    """Refuse a used --out (`check_out`), resolve the device and precision, join torchrun's
-    processes if there are several, print one line (the whole config with --verbose), seed every
-    RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
+    """Check every path flag (`check_paths`), refuse a used --out (`check_out`), resolve the
+    device and precision, join torchrun's processes if there are several, print one line (the
+    whole config with --verbose), seed every RNG. Returns a `Dist` (minirlhf/distributed.py):
+    rank, world_size, is_main, device."""
     try:
+        check_paths(cfg)  # every input is there, before any work
         check_out(cfg)  # before torchrun's processes join: each checks before any writes
         set_precision(getattr(cfg, "precision", "auto"))
         dist = setup(resolve_device(cfg.device))
