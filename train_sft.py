@@ -43,9 +43,9 @@ from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, TokenizerError
 from minirlhf.training import (NonFiniteError, batches_from, checkpoint_to_resume, due,
-                               epoch_batches, fail, lr_at, make_optimizer, open_log, optimizer_step,
-                               pad_batch, progress_bar, resume_state, save_run, set_lr, start_run,
-                               write_json)
+                               epoch_batches, fail, guarded_run, lr_at, make_optimizer, open_log,
+                               optimizer_step, pad_batch, progress_bar, resume_state, save_run,
+                               set_lr, start_run, write_json)
 from minirlhf.world import World, world_tokenizer
 
 
@@ -150,6 +150,7 @@ class SFTConfig:
             raise ValueError("--tokenizer and --init both choose the tokenizer: give one")
 
 
+@guarded_run  # OUT is this run's until train() ends (minirlhf/training.py)
 def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     """Data, model and optimizer; then per step: a batch, L_SFT, backward, an optimizer step,
     and on schedule a log line, the validation loss and a checkpoint; then the final evaluation."""
