@@ -45,9 +45,9 @@ from minirlhf.evaluate import evaluation_prompts, final_evaluation, stage_scorer
 from minirlhf.masking import masked_sum, token_logprobs
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (NonFiniteError, checkpoint_to_resume, distinct_rows, due, fail,
-                               lr_at, make_optimizer, open_log, optimizer_step, pad_batch,
-                               pair_batches_from, pair_groups, progress_bar, resume_state,
-                               save_run, set_lr, start_run, write_json)
+                               guarded_run, lr_at, make_optimizer, open_log, optimizer_step,
+                               pad_batch, pair_batches_from, pair_groups, progress_bar,
+                               resume_state, save_run, set_lr, start_run, write_json)
 
 
 def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor,
@@ -200,6 +200,7 @@ class DPOConfig:
             raise ValueError("--label-smoothing applies to the sigmoid loss, not to ipo")
 
 
+@guarded_run  # OUT is this run's until train() ends (minirlhf/training.py)
 def train(cfg: DPOConfig, prog: str = "train_dpo.py") -> dict:
     """π_θ and the frozen π_ref (both start as the SFT model), the pairs and π_ref's log-probs of
     them, computed once; then per step: a batch of pairs, one policy forward, L_DPO, backward, an
@@ -415,7 +416,8 @@ def main(argv=None):
     cfg = parse_config(DPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

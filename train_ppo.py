@@ -54,8 +54,8 @@ from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advanta
                          token_kl)
 from minirlhf.sampler import Generation, generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (NonFiniteError, check_finite, fail, make_optimizer, open_log,
-                               read_metrics, set_lr, start_run, write_json)
+from minirlhf.training import (NonFiniteError, check_finite, fail, guarded_run, make_optimizer,
+                               open_log, read_metrics, set_lr, start_run, write_json)
 from minirlhf.evaluate import (evaluate, evaluation_prompts, final_evaluation, reward_model_scorer,
                                write_samples)
 from minirlhf.world import World, correct, gold_reward, is_world_prompt
@@ -402,6 +402,7 @@ def clip_and_step(model, optimizer, max_norm: float, step: int, name: str) -> No
 # The loop
 # ----------------------------------------------------------------------------------------------
 
+@guarded_run  # OUT is this run's until train() ends (minirlhf/training.py)
 def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
     policy, ref, reward_model, value_model, tok = load_four_models(cfg, dist.device)  # ch. 7
@@ -605,7 +606,8 @@ def main(argv=None):
     cfg = parse_config(PPOConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError, ValueError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError, ValueError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

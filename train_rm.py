@@ -50,9 +50,9 @@ from minirlhf.plots import plot_calibration
 from minirlhf.sampler import generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (NonFiniteError, checkpoint_to_resume, clear_run, distinct_rows,
-                               due, fail, lr_at, make_optimizer, open_log, optimizer_step,
-                               pad_batch, pair_batches_from, progress_bar, resume_state, save_run,
-                               set_lr, start_run, write_json)
+                               due, fail, guarded_run, lr_at, make_optimizer, open_log,
+                               optimizer_step, pad_batch, pair_batches_from, progress_bar,
+                               resume_state, save_run, set_lr, start_run, write_json)
 from minirlhf.world import (World, bayes_accuracy, expected_accuracy, label_pair,
                             pair_label_prob, shortfall_by_kind)
 
@@ -158,7 +158,13 @@ class RMConfig:
         if self.pairs_only and not self.make_pairs:
             raise ValueError("--pairs-only needs --make-pairs")
 
+    def unused_paths(self):
+        """The path flags this run never reads (`training.check_paths` skips them): --sft when
+        --pairs-only has --policy write the pairs."""
+        return ("sft",) if self.pairs_only and self.policy else ()
 
+
+@guarded_run  # OUT is this run's until train() ends (minirlhf/training.py)
 def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     """Preference pairs (with --make-pairs); the reward model and optimizer; then per step: a
     batch of pairs, L_RM, backward, an optimizer step, and on schedule the validation loss, a
@@ -544,7 +550,8 @@ def main(argv=None):
     cfg = parse_config(RMConfig, argv, prog, description=__doc__.split("\n\n")[0])
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError, PairsError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError, PairsError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

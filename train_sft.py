@@ -38,13 +38,14 @@ from minirlhf.data import DataError, read_sft
 from minirlhf.device import autocast, maybe_compile
 from minirlhf.distributed import all_reduce_sum, mean_over_ranks, wrap
 from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, stage_scorer
+from minirlhf.gpt2 import gpt2_tokenizer
 from minirlhf.masking import masked_mean, token_logprobs
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import Tokenizer, TokenizerError
 from minirlhf.training import (NonFiniteError, batches_from, checkpoint_to_resume, due,
-                               epoch_batches, fail, lr_at, make_optimizer, open_log, optimizer_step,
-                               pad_batch, progress_bar, resume_state, save_run, set_lr, start_run,
-                               write_json)
+                               epoch_batches, fail, guarded_run, lr_at, make_optimizer, open_log,
+                               optimizer_step, pad_batch, progress_bar, resume_state, save_run,
+                               set_lr, start_run, write_json)
 from minirlhf.world import World, world_tokenizer
 
 
@@ -108,7 +109,7 @@ class SFTConfig:
     block_size: int = 96              # longest prompt + response, in tokens
     vocab_size: int = 512             # BPE tokens of the world tokenizer (specials on top)
     tokenizer: str | None = None      # a tokenizer folder (or .tiktoken file) from python -m
-                                      # minirlhf.tokenizer train; none = the world's
+                                      # minirlhf.tokenizer train, or gpt2:DIR; none = the world's
     # data
     n_examples: int = 20000           # demonstrations drawn from the world's writers
     truncate: bool = False            # skip over-long examples instead of stopping with an error
@@ -149,6 +150,7 @@ class SFTConfig:
             raise ValueError("--tokenizer and --init both choose the tokenizer: give one")
 
 
+@guarded_run  # OUT is this run's until train() ends (minirlhf/training.py)
 def train(cfg: SFTConfig, prog: str = "train_sft.py") -> dict:
     """Data, model and optimizer; then per step: a batch, L_SFT, backward, an optimizer step,
     and on schedule a log line, the validation loss and a checkpoint; then the final evaluation."""
@@ -233,7 +235,10 @@ def load_model(cfg: SFTConfig, ck: dict | None, device) -> tuple[GPT, object]:
 
 
 def own_tokenizer(path: str) -> Tokenizer:
-    """--tokenizer: a folder holding tokenizer.tiktoken, or the rank file itself."""
+    """--tokenizer: a folder holding tokenizer.tiktoken, or the rank file itself; gpt2:DIR is
+    GPT-2's, from a Hugging Face folder (as every stage flag reads gpt2:DIR)."""
+    if path.startswith("gpt2:"):
+        return gpt2_tokenizer(path[len("gpt2:"):])
     return Tokenizer.load(os.path.join(path, TOKENIZER) if os.path.isdir(path) else path)
 
 
@@ -425,7 +430,8 @@ def main(argv=None):
                        '  Also: train_sft.py --explain OUT "prompt" "response".')
     try:
         train(cfg, prog)
-    except (DataError, CheckpointError, TokenizerError, NonFiniteError) as e:
+    except (DataError, CheckpointError, TokenizerError, NonFiniteError,
+            OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

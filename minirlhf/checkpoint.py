@@ -7,13 +7,16 @@
 
 Safety rules (docs/design.md, "Reliability"):
 - Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to disk,
-  then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact.
+  then renamed over the old file. A run killed mid-write leaves the previous checkpoint intact;
+  a write that fails (a full disk, a read-only folder) removes its temporary file and stops the
+  run with one line naming the file and the cause.
 - Every byte is covered: after torch.save's bytes comes a trailer with their SHA-256, checked
   before anything is unpickled, so a flipped byte anywhere is refused (torch.load ignores the
   trailer). A checkpoint records the script that wrote it; --resume refuses another script's.
 - Loads use `torch.load(weights_only=True)`: only tensors, numbers, strings, lists and dicts are
   ever unpickled, so a checkpoint cannot run code. A truncated, foreign, damaged, newer or
-  mismatched file gives one clear `CheckpointError` naming the file.
+  mismatched file gives one clear `CheckpointError` naming the file, and so do weights that
+  hold NaN or inf.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, replacing
 from .gpt2 import load_gpt2_stage
 from .model import GPT, GPTConfig, ScalarHeadModel
 
@@ -71,9 +74,11 @@ def verify_file(path: str) -> bool:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    """torch.save `obj` to `path` atomically, with the SHA-256 trailer (`replacing`). A failed
+    write (a full disk, a read-only folder, Ctrl-C) leaves no temporary file, and the file at
+    `path`, the last good checkpoint, as it was; disk errors become one-line CheckpointErrors."""
+    with replacing(path, CheckpointError, "; the last good checkpoint is kept") as tmp:
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -82,11 +87,13 @@ def atomic_torch_save(obj, path: str) -> None:
             f.write(TRAILER + digest.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a failed write (disk full, Ctrl-C) leaves no half-written temp file
-        raise
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (`replacing`): the whole new file or the old one, never half."""
+    with replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
@@ -162,7 +169,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if unknown:
         raise CheckpointError(f"{path}: model_config field {sorted(unknown)[0]!r} is unknown "
                               f"to this minirlhf (written by a newer version?)")
+    check_finite_weights(ck["model"], path)
     return ck
+
+
+def check_finite_weights(state, path: str) -> None:
+    """Refuse weights that hold NaN or inf: no stage is worth loading once one is there. (Runs
+    stop before such an update, but a file can come from elsewhere.)"""
+    tensors = state.items() if isinstance(state, dict) else ()
+    bad = next((name for name, t in tensors if isinstance(t, torch.Tensor)
+                and t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: the weights hold NaN or inf values, first in {bad} "
+                              f"(a diverged run?)")
 
 
 def check_stage(ck: dict, path: str, script: str) -> None:
@@ -228,10 +247,7 @@ def save_stage(out: str, *, model, model_kind: str, config, tokenizer, step: int
     if dataclasses.is_dataclass(config):  # the run's flags, readable beside the checkpoint
         from .config import config_to_dict
         os.makedirs(out, exist_ok=True)
-        tmp = os.path.join(out, f"config.json.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(config_to_dict(config), f, indent=2)
-        os.replace(tmp, os.path.join(out, "config.json"))
+        write_json(os.path.join(out, "config.json"), config_to_dict(config))
     path = os.path.join(out, CHECKPOINT)
     save_checkpoint(path, model=model, model_kind=model_kind, config=config, tokenizer=tokenizer,
                     step=step, optimizer=optimizer, rng=rng, extra=extra)
@@ -264,7 +280,9 @@ def load_stage(path: str, kind: str | None = None, device="cpu"):
     `gpt2:DIR` loads OpenAI's GPT-2 from a Hugging Face folder instead (minirlhf/gpt2.py), so every
     script that takes a stage (--init, --sft) can start from GPT-2."""
     if path.startswith("gpt2:"):
-        return load_gpt2_stage(path[len("gpt2:"):], kind, device)
+        model, tok, info = load_gpt2_stage(path[len("gpt2:"):], kind, device)
+        check_finite_weights(model.state_dict(), path)
+        return model, tok, info
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     ck_path = os.path.join(folder, CHECKPOINT) if os.path.isdir(path) else path
     ck = load_checkpoint(ck_path)

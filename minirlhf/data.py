@@ -55,7 +55,7 @@ import secrets
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
-from minirlhf.errors import DataError
+from minirlhf.errors import DataError, WriteError, write_failure
 from minirlhf.tokenizer import ASSISTANT, HUMAN  # the turn markers of Anthropic HH dialogues
 
 ROLES = ("system", "user", "assistant")
@@ -329,14 +329,18 @@ def write_jsonl(path, rows: Iterable[dict]) -> int:
 
     Temporary file in the same directory (so the rename cannot cross file systems), flush and
     fsync, then os.replace: a reader sees the old file or the whole new one, never half of one.
-    Strict JSON (no NaN/Infinity), UTF-8 text; parent directories are created.
+    Strict JSON (no NaN/Infinity), UTF-8 text; parent directories are created. A failed write
+    (a full disk) raises WriteError naming the file.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, as a plain open() would (mkstemp: 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # os.open with 0o666 lets the umask decide permissions, as open() would (mkstemp: 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise WriteError(f"{path}: could not write it ({write_failure(e)})") from None
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -348,9 +352,11 @@ def write_jsonl(path, rows: Iterable[dict]) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk: one line naming the file, as every write's
+            raise WriteError(f"{path}: could not write it ({write_failure(e)})") from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; not on Windows)
         dfd = os.open(directory, os.O_RDONLY)

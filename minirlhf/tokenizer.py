@@ -33,12 +33,13 @@ from collections import Counter, defaultdict
 import regex
 import tiktoken
 
-from .errors import TokenizerError
+from .errors import TokenizerError, replacing
 
 # GPT-2's pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ["<|bos|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # GPT-2 chat template: HH turn markers
+MAX_RANK = 2**20  # ranks (token ids) run below this: four times the largest vocabularies in use
 
 
 def train_bpe(text: str, vocab_size: int, merge_digits: bool = False) -> dict[bytes, int]:
@@ -110,33 +111,47 @@ def train_bpe(text: str, vocab_size: int, merge_digits: bool = False) -> dict[by
 def save_ranks(ranks: dict[bytes, int], path: str) -> None:
     """tiktoken's rank-file format: one 'base64(token) rank' line per token; atomic write."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def load_ranks(path: str) -> dict[bytes, int]:
     """Read a rank file directly (tiktoken's own loader caches by path, which goes stale when a
-    file at the same path is rewritten)."""
+    file at the same path is rewritten). Every line must hold a token and a rank below
+    MAX_RANK, each token and rank once, and every byte must be a token: a huge rank (tiktoken's
+    OverflowError, or an embedding of that many rows), a token or rank given twice, or a missing
+    byte (tiktoken panics on text holding it) is refused in one line."""
     if not os.path.isfile(path):
         raise TokenizerError(f"{path}: tokenizer rank file not found")
-    ranks = {}
+    ranks, line_of = {}, {}  # token -> rank; rank -> its line
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 tok, rank = line.split()
-                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                tok, rank = base64.b64decode(tok, validate=True), int(rank)
             except Exception:
                 raise TokenizerError(f"{path}:{n}: not a tiktoken rank line "
                                      f"(expected 'base64 rank')") from None
+            problem = (f"rank {rank} is out of range (0 to {MAX_RANK - 1})"
+                       if not 0 <= rank < MAX_RANK else
+                       f"rank {rank} is given twice (line {line_of[rank]} too)"
+                       if rank in line_of else
+                       f"token {tok!r} is listed twice" if tok in ranks else None)
+            if problem:
+                raise TokenizerError(f"{path}:{n}: {problem}")
+            ranks[tok], line_of[rank] = rank, n
     if not ranks:
         raise TokenizerError(f"{path}: rank file is empty")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{path}: byte 0x{missing[0]:02x} is not a token (a byte-level BPE "
+                             f"table holds all 256 bytes; {len(missing)} missing)")
     return ranks
 
 

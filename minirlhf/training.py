@@ -12,10 +12,16 @@
   torchrun only rank 0's log writes (`enabled=dist.is_main`).
 - `check_finite`: a NaN or inf in a loss, reward or gradient norm stops the run with a message that
   names the quantity and the step (the last good checkpoint on disk is left as it is).
-- `start_run`: refuses an --out that already holds a run (unless --resume or --overwrite),
-  prints one line (where, on what, how long; the whole config with --verbose), resolves the
-  device and the seeds; under torchrun it joins the other processes first and returns who this
-  one is (minirlhf/distributed.py).
+- `start_run`: checks that every path flag names a file or folder that is there
+  (`check_paths`), refuses an --out that already holds a run (unless --resume or --overwrite),
+  resolves the device and the seeds; under torchrun it joins the other processes first and
+  returns who this one is (minirlhf/distributed.py). Then it claims OUT (`claim_out`): creates
+  it, or says in one line why it cannot be one (a file, a name too long, a read-only disk),
+  takes the lock OUT/.lock so that a second run into OUT is refused, and removes the temporary
+  files of killed writes; and prints one line (where, on what, how long; the whole config with
+  --verbose).
+- `guarded_run`: decorates each script's train(): the claim ends with it (`release_out`), and a
+  run that failed before its first step leaves nothing behind, not even the folder it made.
 - `open_log`: the run's metrics log, opened once the inputs have been read; a fresh run then
   clears an old run's files (--overwrite) and writes OUT/config.json, so a run refused for bad
   input leaves OUT as it was.
@@ -31,22 +37,29 @@ The loops themselves stay in the train_*.py scripts, flat and in the open (docs/
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import math
 import os
 import random
+import re
+import shlex
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CHECKPOINT, STAGES, check_compatible, check_stage, load_checkpoint,
-                         rng_state, save_checkpoint, save_stage, set_rng_state)
-from .errors import CheckpointError, NonFiniteError
+from .checkpoint import (CHECKPOINT, STAGES, TOKENIZER, check_compatible, check_stage,
+                         load_checkpoint, rng_state, save_checkpoint, save_stage, set_rng_state,
+                         write_json)
+from .errors import CheckpointError, NonFiniteError, WriteError, replacing, write_failure
 from .config import config_to_dict, format_config
 from .device import resolve_device, set_precision, uses_bf16
-from .distributed import Dist, setup, shard
+from .distributed import Dist, broadcast, setup, shard
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
@@ -196,10 +209,9 @@ class MetricsLog:
                                           f"is damaged (move it away to resume)") from None
                 if row.get("step", 0) <= resume_step:
                     kept.append(line + "\n")
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            with replacing(path) as tmp:
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
 
     def write(self, step: int, **metrics) -> None:
         if not self.enabled:
@@ -210,9 +222,12 @@ class MetricsLog:
             # NaN is not JSON: an undefined number (the explained variance of a run without a
             # value model) is written as null, so jq and strict parsers read every line
             row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        except OSError as e:  # a full disk: a torn last line, which --resume drops
+            raise WriteError(f"{self.path}: could not write it ({write_failure(e)})") from None
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -241,6 +256,8 @@ def run_files(folder: str, names=USED_IF) -> list[str]:
 
 def check_out(cfg) -> None:
     """ValueError unless --out is free, or --resume or --overwrite says what to do with it."""
+    if cfg.out == "":
+        raise ValueError("--out '': an empty path")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite starts it over: "
                          "give one")
@@ -257,6 +274,203 @@ def clear_run(cfg) -> None:
             os.remove(os.path.join(cfg.out, name))
 
 
+# ----------------------------------------------------------------------------------------------
+# Every path flag is checked before any work, in one place
+# ----------------------------------------------------------------------------------------------
+
+# The flags that name a path, and what each must name: "data" a file; "stage" a stage folder
+# holding checkpoint.pt (or the file itself), or gpt2:DIR; "tokenizer" a folder holding
+# tokenizer.tiktoken (or the file itself), or gpt2:DIR. None is no path.
+PATH_FLAGS = {"data": "data", "val_data": "data", "test_data": "data", "prompts": "data",
+              "eval_prompts": "data", "sft": "stage", "rm": "stage", "init": "stage",
+              "policy": "stage", "tokenizer": "tokenizer"}
+HOLDS = {"stage": CHECKPOINT, "tokenizer": TOKENIZER}  # what a folder of that kind holds
+
+
+def check_paths(cfg) -> None:
+    """ValueError naming the first path flag (PATH_FLAGS) whose file or folder is not there.
+    Defaults count (train_ppo.py's --sft out/sft); a config's `unused_paths()` names the flags
+    a run with its settings never reads."""
+    unused = cfg.unused_paths() if hasattr(cfg, "unused_paths") else ()
+    for name, kind in PATH_FLAGS.items():
+        value = getattr(cfg, name, None)
+        problem = None if value is None or name in unused else path_problem(value, kind)
+        if problem:
+            raise ValueError(f"--{name.replace('_', '-')} {shown(value)}: {problem}")
+
+
+def path_problem(path: str, kind: str) -> str | None:
+    """What is wrong with a path of this kind (PATH_FLAGS); None if nothing."""
+    if path == "":
+        return "an empty path"
+    if kind != "data" and path.startswith("gpt2:"):
+        return None if os.path.isdir(path[len("gpt2:"):]) else (
+            "no such folder (gpt2:DIR names a Hugging Face GPT-2 folder)")
+    if not os.path.exists(path):
+        return "no such file" if kind == "data" else "no such file or folder"
+    if kind == "data" and os.path.isdir(path):
+        return "a folder, not a file"
+    inner = HOLDS.get(kind)
+    if inner and os.path.isdir(path) and not os.path.isfile(os.path.join(path, inner)):
+        first = " (train that stage first)" if kind == "stage" else ""
+        return f"no {inner} in this folder{first}"
+    return None
+
+
+def shown(path: str) -> str:
+    """A path as a message shows it: quoted if it needs to be ('' when empty), its middle left
+    out past 100 characters."""
+    return shlex.quote(path if len(path) <= 100 else f"{path[:60]}...{path[-30:]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder: claimed by one run at a time, given back when the run ends
+# ----------------------------------------------------------------------------------------------
+
+LOCK = ".lock"  # OUT/.lock: flock-ed by the run that writes in OUT, removed when it ends
+# What a killed write leaves: NAME.tmpPID (errors.replacing, MetricsLog) and .NAME.HEX.tmp
+# (data.write_jsonl)
+STALE = re.compile(r".+\.tmp\d+|\..+\.[0-9a-f]{8}\.tmp")
+PROGRESS = (CHECKPOINT, "best.pt", "metrics.jsonl")  # what a run that took a step has changed
+
+
+@dataclass
+class Claim:
+    """This process's hold on an output folder, from `start_run` to the end of train()."""
+    out: str
+    lock: int            # OUT/.lock, open and flock-ed
+    created: list[str]   # the folders the run created (OUT, missing parents), deepest first
+    before: dict         # the (inode, size, mtime) of each file OUT held at the start
+
+
+CLAIMS: dict[str, Claim] = {}  # abspath(OUT) -> this process's claim on it
+
+
+def claim_out(out: str) -> None:
+    """Make OUT this run's: create it (or see that it can be one), lock it against a second run
+    and remove what killed writes left in it (safe: no other run writes there while we hold
+    the lock). ValueError, one line, if it cannot; then nothing is left behind."""
+    created = make_folder(out)
+    try:
+        lock = lock_folder(out)
+    except ValueError:
+        remove_folders(created)
+        raise
+    for entry in os.scandir(out):
+        if STALE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.remove(entry.path)
+    before = {entry.name: file_state(entry.path) for entry in os.scandir(out)}
+    CLAIMS[os.path.abspath(out)] = Claim(out, lock, created, before)
+
+
+def make_folder(out: str) -> list[str]:
+    """Create OUT and its missing parents; returns those it created, deepest first. ValueError
+    naming --out for a file in the way, a name too long, a read-only disk, ..."""
+    if os.path.isfile(out):
+        raise ValueError(f"--out {shown(out)}: a file, not a folder")
+    created, path = [], os.path.abspath(out)
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        remove_folders(created)
+        raise ValueError(f"--out {shown(out)}: cannot create the folder ({e.strerror})") from None
+    return created
+
+
+def lock_folder(out: str) -> int:
+    """Open OUT/.lock and take its exclusive flock, so that a second run into OUT (a second
+    --resume too) is refused, naming the folder and the process that holds it. The kernel
+    lets go of a killed run's lock, so a stale .lock file blocks nothing. Returns the fd."""
+    path = os.path.join(out, LOCK)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ValueError(f"--out {shown(out)}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if not isinstance(e, BlockingIOError):
+                raise ValueError(f"--out {shown(out)}: cannot lock {LOCK} ({e.strerror})") from None
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise ValueError(f"{out} is in use by another run{who}: wait for it to end, or "
+                             f"pick another --out") from None
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # a run that ended removed the file we locked: lock the one there now
+    with contextlib.suppress(OSError):  # who holds it, for the message above
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def file_state(path: str) -> tuple | None:
+    """(device, inode, size, mtime) of a file; None if there is none."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def release_out(out: str, failed: bool) -> None:
+    """End this process's claim on OUT (`claim_out`): the lock file goes. A run that failed
+    before its first step (no checkpoint and no metrics log changed) takes with it the files it
+    created (train_rm.py's preference pairs aside: a finished phase of their own) and the
+    folders it created, once empty."""
+    claim = CLAIMS.pop(os.path.abspath(out), None)
+    if claim is None:
+        return
+    try:
+        if failed and all(file_state(os.path.join(claim.out, name)) == claim.before.get(name)
+                          for name in PROGRESS):
+            for entry in os.scandir(claim.out):
+                if (entry.name not in claim.before and entry.name != LOCK
+                        and not re.fullmatch(r"prefs.*\.jsonl", entry.name)
+                        and entry.is_file(follow_symlinks=False)):
+                    os.remove(entry.path)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(claim.out, LOCK))  # while locked: see lock_folder's loop
+    finally:
+        os.close(claim.lock)
+    if failed:
+        remove_folders(claim.created)
+
+
+def remove_folders(folders: list[str]) -> None:
+    """Remove each folder, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def guarded_run(train):
+    """Decorates a script's train(cfg, prog): the claim its start_run takes on OUT ends with
+    train, whether it returns or fails (`release_out`), so a later run in the same process
+    (the pipeline, the tests) claims the folder afresh."""
+    @functools.wraps(train)
+    def run(cfg, *args, **kwargs):
+        try:
+            result = train(cfg, *args, **kwargs)
+        except BaseException:
+            release_out(cfg.out, failed=True)
+            raise
+        release_out(cfg.out, failed=False)
+        return result
+    return run
+
+
 def run_line(cfg, prog: str, dist: Dist) -> str:
     """The one line a run starts with: where it writes, on what, how long, where its config is."""
     precision = "bf16 autocast" if uses_bf16(dist.device) else "float32"
@@ -271,10 +485,14 @@ def run_line(cfg, prog: str, dist: Dist) -> str:
 
 
 def start_run(cfg, prog: str) -> Dist:
-    """Refuse a used --out (`check_out`), resolve the device and precision, join torchrun's
-    processes if there are several, print one line (the whole config with --verbose), seed every
-    RNG. Returns a `Dist` (minirlhf/distributed.py): rank, world_size, is_main, device."""
+    """Check every path flag (`check_paths`), refuse a used --out (`check_out`), resolve the
+    device and precision, join torchrun's processes if there are several, claim OUT
+    (`claim_out`: created, locked against a second run, cleared of what killed writes left),
+    print one line (the whole config with --verbose), seed every RNG. Returns a `Dist`
+    (minirlhf/distributed.py): rank, world_size, is_main, device. The claim ends when train()
+    does: the scripts decorate it with `guarded_run`."""
     try:
+        check_paths(cfg)  # every input is there, before any work
         check_out(cfg)  # before torchrun's processes join: each checks before any writes
         set_precision(getattr(cfg, "precision", "auto"))
         dist = setup(resolve_device(cfg.device))
@@ -282,10 +500,18 @@ def start_run(cfg, prog: str) -> Dist:
             if getattr(cfg, name, 0) % dist.world_size:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split "
                                  f"evenly over {dist.world_size} processes")
+        problem = None
+        if dist.is_main:  # the one process that writes in OUT claims it, and tells the others
+            try:
+                claim_out(cfg.out)
+            except ValueError as e:
+                problem = str(e)
+        problem = broadcast(problem, dist)
+        if problem:
+            raise ValueError(problem)
     except ValueError as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2)
-    os.makedirs(cfg.out, exist_ok=True)
     print(run_line(cfg, prog, dist), flush=True)
     if cfg.verbose:
         print(format_config(cfg), flush=True)
@@ -303,14 +529,6 @@ def open_log(cfg, start: int | None, dist: Dist) -> MetricsLog:
     if dist.is_main:
         write_json(os.path.join(cfg.out, "config.json"), config_to_dict(cfg))
     return log
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def fail(prog: str, message: str) -> None:

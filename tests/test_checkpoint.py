@@ -185,7 +185,8 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, tok):
 
 def test_writes_are_atomic(tmp_path, tok, monkeypatch):
     """A save leaves only the checkpoint in its folder; a save that dies mid-write leaves the
-    previous checkpoint intact and loadable, and no temporary file behind."""
+    previous checkpoint intact and loadable, no temporary file behind, and one line naming the
+    file and the cause."""
     path = tmp_path / "ck.pt"
     first = randomized(GPT(CFG), seed=1)
     save(path, first, "gpt", tok)
@@ -198,7 +199,8 @@ def test_writes_are_atomic(tmp_path, tok, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointError, match=f"^{path}: could not write it \\(No space left on "
+                                              f"device\\); the last good checkpoint is kept$"):
         save(path, randomized(GPT(CFG), seed=2), "gpt", tok)
     monkeypatch.undo()
     assert path.read_bytes() == before

@@ -694,7 +694,7 @@ BAD_FLAGS = [  # (stage, argv, words in the message); argv is added to the stage
     ("rm", ["--responses-per-prompt", "1"], "--responses-per-prompt"),
     ("rm", ["--patience", "0"], "--patience must be positive"),
     ("rm", ["--pair-temperature", "0"], "--pair-temperature must be positive"),
-    ("rm", ["--sft", "/nonexistent/sft"], "/nonexistent/sft: checkpoint not found"),
+    ("rm", ["--sft", "/nonexistent/sft"], "--sft /nonexistent/sft: no such file or folder"),
     ("rm", ["--data", "/nonexistent/prefs.jsonl"], "/nonexistent/prefs.jsonl"),
     ("rm", ["--make-pairs", "--max-new-tokens", "1", "--n-pairs", "4", "--n-val-pairs", "2",
             "--n-test-pairs", "2"], "within --max-new-tokens 1"),  # no response can end
