@@ -225,7 +225,8 @@ def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir,
         train_rm.train(cfg)
     monkeypatch.undo()
     train_rm.train(dataclasses.replace(cfg, resume=True))
-    assert same_weights(os.path.join(out, "checkpoint.pt"), os.path.join(reference, "checkpoint.pt"))
+    assert same_weights(os.path.join(out, "checkpoint.pt"),
+                        os.path.join(reference, "checkpoint.pt"))
 
 
 def test_rm_pairs_only_then_training_into_the_same_folder(tmp_path, sft_dir, capsys):
@@ -288,7 +289,8 @@ def test_ppo_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir
         train_ppo.train(cut)
     monkeypatch.undo()
     train_ppo.train(dataclasses.replace(cut, resume=True))
-    assert same_weights(str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt"))
+    assert same_weights(str(tmp_path / "a" / "checkpoint.pt"),
+                        str(tmp_path / "b" / "checkpoint.pt"))
     a = load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["extra"]
     b = load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["extra"]
     assert a["kl_controller"] == b["kl_controller"]
@@ -322,7 +324,8 @@ def test_dpo_trains_and_resumes(tmp_path, monkeypatch, sft_dir, rm_dir):
         train_dpo.train(cut)
     monkeypatch.undo()
     train_dpo.train(dataclasses.replace(cut, resume=True))
-    assert same_weights(str(tmp_path / "a" / "checkpoint.pt"), str(tmp_path / "b" / "checkpoint.pt"))
+    assert same_weights(str(tmp_path / "a" / "checkpoint.pt"),
+                        str(tmp_path / "b" / "checkpoint.pt"))
 
 
 def test_dpo_logs_its_loss_and_rpo_term_apart(tmp_path, capsys, sft_dir, rm_dir):
