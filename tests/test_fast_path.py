@@ -1,4 +1,4 @@
-"""The fast paths against the obvious ones (STYLE.md rule 11): fused AdamW, bf16 autocast and
+"""The fast paths against the obvious ones (docs/design.md, "Conventions"): fused AdamW, bf16 autocast and
 torch.compile each compute what the plain float32 path computes, within their rounding.
 
 Tests that need a GPU skip cleanly without one; the rest run on CPU: the fused-AdamW property is
