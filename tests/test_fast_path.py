@@ -1,5 +1,6 @@
-"""The fast paths against the obvious ones (docs/design.md, "Conventions"): fused AdamW, bf16 autocast and
-torch.compile each compute what the plain float32 path computes, within their rounding.
+"""The fast paths against the obvious ones (docs/design.md, "Conventions"): fused AdamW, bf16
+autocast and torch.compile each compute what the plain float32 path computes, within their
+rounding.
 
 Tests that need a GPU skip cleanly without one; the rest run on CPU: the fused-AdamW property is
 checked on CPU too (PyTorch has a fused CPU kernel), bf16 autocast on CPU (its attention in
