@@ -23,6 +23,14 @@ def _plt():
     return plt
 
 
+def _finish(fig, path: str) -> str:
+    """Lay the figure out, write it as a PNG and free it; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def _rows(path, split):
     if not os.path.exists(path):
         return []
@@ -48,10 +56,7 @@ def plot_losses(run: str, path: str) -> str:
         ax.set(xlabel="step", ylabel="loss (nats)")
         if ax.has_data():
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def plot_hacking(run: str, path: str) -> str:
@@ -75,10 +80,7 @@ def plot_hacking(run: str, path: str) -> str:
         ax.set(xlabel="PPO iteration", ylabel=ylabel)
         if ax.has_data():
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str,
@@ -120,10 +122,7 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
     ax.set_ylabel("gold score (test prompts, T = 1)")
     ax.set_title("Gold score vs KL", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # outside the data
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def spaced(points: list[dict], min_gap: float = 0.04) -> list[dict]:
@@ -157,7 +156,4 @@ def plot_calibration(rows: list[dict], path: str) -> str:
     ax.set_ylabel("observed rate a was chosen")
     ax.set_title("Reward model calibration (test pairs)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
