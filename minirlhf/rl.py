@@ -2,7 +2,8 @@
 the KL-coefficient controllers. Pure functions of tensors; nothing here touches a model.
 
 - returns and GAE: lecture ch. 2 (G_t, V, advantage A = Q - V) and ch. 7 (A = r - V(x)),
-- the leave-one-out group baseline: ch. 3 ("baseline subtraction"),
+- the leave-one-out group baseline: ch. 3 ("baseline subtraction"), and GRPO's group-normalised
+  advantages (DeepSeekMath),
 - the KL-penalised reward r_φ − β·KL, per token (`kl_penalised_rewards`) or per response with
   the γ = 0 advantage A = R − V(x) (`bandit_advantages`): ch. 5, ch. 7 step 2,
 - per-token KL estimators k1, k2, k3: ch. 5,
@@ -113,6 +114,27 @@ def group_baseline_advantages(R: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = R.reshape(-1, k)  # (N/k, k)
     others_mean = (groups.sum(-1, keepdim=True) - groups) / (k - 1)  # (N/k, k) baseline b_i
     return (groups - others_mean).reshape(-1)  # (N,)
+
+
+def group_normalized_advantages(R: torch.Tensor, group_size: int, use_std: bool = True,
+                                eps: float = 1e-8) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome
+    rewards): A_i = (R_i − mean of its group) / (std of its group + eps).
+
+    R: (N,) rewards ordered prompt-major, k = group_size per prompt -> A: (N,). The std is the
+    population std of the group's k rewards (ddof 0), so a group's advantages have mean 0 and,
+    unless all its rewards are equal, std 1 (up to eps). A group whose rewards are all equal
+    carries no signal: its advantages are exactly 0, never NaN. use_std=False gives the plain
+    centred form R_i − mean, which is RLOO's leave-one-out advantage times (k − 1)/k.
+    """
+    k = group_size
+    if k < 2 or R.numel() % k:
+        raise ValueError(f"group_size must be >= 2 and divide {R.numel()}, got {k}")
+    groups = R.reshape(-1, k)  # (N/k, k)
+    centred = groups - groups.mean(-1, keepdim=True)  # (N/k, k) R_i − mean
+    if use_std:
+        centred = centred / (groups.std(-1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1)  # (N,)
 
 
 # ------------------------------------------------------------------- the KL-penalised reward

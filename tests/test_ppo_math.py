@@ -11,7 +11,7 @@ from hypothesis import assume, given, strategies as st
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy
 from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advantages,
                          discounted_returns, discounted_returns_reference, gae, gae_reference,
-                         group_baseline_advantages, kl_k1, kl_k2, kl_k3, kl_penalised_return,
+                         group_baseline_advantages, group_normalized_advantages, kl_k1, kl_k2, kl_k3, kl_penalised_return,
                          kl_penalised_rewards, token_kl)
 from train_ppo import entropy_bonus, explained_variance, policy_loss, ppo_loss, value_loss
 
@@ -535,6 +535,52 @@ def test_group_baseline_is_leave_one_out(seed, k, n_groups):
 
 
 # =============================================================================== KL estimators
+
+@given(seed=seeds, k=st.integers(2, 6), n_groups=st.integers(1, 4))
+def test_grpo_advantages_have_zero_mean_and_unit_std_per_group(seed, k, n_groups):
+    """A_i = (R_i − mean)/std within each prompt's group: every group has mean 0 and std 1."""
+    g = torch.Generator().manual_seed(seed)
+    R = 3 * torch.randn(n_groups * k, generator=g, dtype=torch.float64) + 5
+    A = group_normalized_advantages(R, k).reshape(n_groups, k)
+    torch.testing.assert_close(A.mean(-1), torch.zeros(n_groups, dtype=torch.float64))
+    torch.testing.assert_close(A.std(-1, unbiased=False), torch.ones(n_groups,
+                                                                     dtype=torch.float64))
+    for i in range(n_groups):  # by hand, group by group
+        r = R[i * k:(i + 1) * k]
+        torch.testing.assert_close(A[i], (r - r.mean()) / (r.std(unbiased=False) + 1e-8))
+
+
+def test_grpo_constant_groups_give_zero_advantage_and_no_nan():
+    """A group whose k rewards are equal (all right, all wrong) carries no signal: exactly 0."""
+    R = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    A = group_normalized_advantages(R, 3)
+    assert torch.isfinite(A).all()
+    assert torch.equal(A[:3], torch.zeros(3)) and torch.equal(A[6:], torch.zeros(3))
+    assert A[3] < 0 < A[4]
+
+
+@given(seed=seeds, k=st.integers(2, 6), n_groups=st.integers(1, 4))
+def test_grpo_without_std_is_rloo_up_to_the_leave_one_out_factor(seed, k, n_groups):
+    """Without the std, R_i − mean = (k − 1)/k · (R_i − mean of the other k − 1): RLOO's
+    advantage (lecture ch. 3, baseline subtraction) scaled by (k − 1)/k."""
+    R = torch.randn(n_groups * k, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    torch.testing.assert_close(group_normalized_advantages(R, k, use_std=False),
+                               (k - 1) / k * group_baseline_advantages(R, k))
+
+
+@given(logp=st.floats(-20, 0), d=st.floats(-10, 10))
+def test_k3_value_and_gradient_match_a_float64_reference(logp, d):
+    """GRPO's KL term in the loss is k3 = ratio − 1 − log ratio, ratio = π_ref/π_θ; its
+    gradient with respect to log π_θ is 1 − ratio. float32 against a float64 hand computation."""
+    lp = torch.tensor(logp, dtype=torch.float32, requires_grad=True)
+    ref = torch.tensor(logp + d, dtype=torch.float32)
+    k3 = kl_k3(lp, ref)
+    k3.backward()
+    ratio = math.exp(d)
+    assert math.isclose(k3.item(), ratio - 1 - d, rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isclose(lp.grad.item(), 1 - ratio, rel_tol=1e-5, abs_tol=1e-5)
+
 
 def test_k1_and_k3_are_unbiased():
     """For a ~ π: mean k1 and mean k3 equal KL(π‖π_ref) = Σ π log π/π_ref within 5 standard
