@@ -260,6 +260,16 @@ def test_temporary_files_of_killed_writes_are_removed_at_start(tmp_path, capsys,
     assert all((out / name).read_text() == name for name in KEPT)
 
 
+def out_folder(tmp_path, where: str):
+    """(--out, its files now): a folder the run must create with its parents, or one that is
+    there already and holds a file of the user's."""
+    out = tmp_path / ("a/b/out" if where == "new nested folder" else "out")
+    if where != "new nested folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    return out, files_in(out)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("where", ["new nested folder", "folder with a file"])
 def test_a_run_failing_before_its_first_step_leaves_nothing(tmp_path, capsys, inputs, script,
@@ -267,12 +277,7 @@ def test_a_run_failing_before_its_first_step_leaves_nothing(tmp_path, capsys, in
     """A run that fails once it holds OUT (here: its stage will not load) leaves OUT as it found
     it: a folder it created is removed, with the parents it created; a folder that was there
     keeps its files and nothing else (no .lock)."""
-    nested = where == "new nested folder"
-    out = tmp_path / ("a/b/out" if nested else "out")
-    if not nested:
-        out.mkdir()
-        (out / "notes.txt").write_text("mine")
-    before = files_in(out)
+    out, before = out_folder(tmp_path, where)
     one_line(capsys, SCRIPTS[script][0], failing_flags(script, inputs) + ["--out", str(out)],
              PROG[script], 1)
     assert files_in(out) == before
@@ -283,12 +288,7 @@ def test_a_run_failing_before_its_first_step_leaves_nothing(tmp_path, capsys, in
 def test_a_run_stopped_at_its_first_step_leaves_nothing(tmp_path, capsys, monkeypatch, where):
     """SFT stopped by a NaN loss at step 1, after it wrote config.json: the error names the
     step, and OUT ends as it was (the folder it made is gone)."""
-    nested = where == "new nested folder"
-    out = tmp_path / ("a/b/out" if nested else "out")
-    if not nested:
-        out.mkdir()
-        (out / "notes.txt").write_text("mine")
-    before = files_in(out)
+    out, before = out_folder(tmp_path, where)
     real = train_sft.sft_loss
     monkeypatch.setattr(train_sft, "sft_loss",
                         lambda *a: (lambda loss, s: (loss * float("nan"), s))(*real(*a)))
