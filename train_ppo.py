@@ -5,6 +5,9 @@ reference (lecture ch. 4 PPO, ch. 5 the KL-penalised objective, ch. 7 the four-m
     python train_ppo.py --kl-coef 0 --out out/ppo_no_kl          # no KL anchor: reward hacking
     python train_ppo.py --advantage bandit                        # the lecture's γ = 0 form
     python train_ppo.py --advantage group                         # critic-free RLOO baseline
+    python train_ppo.py --reward verifier --out out/rft           # RFT: 1 for a right answer
+    python train_ppo.py --reward verifier --advantage grpo        # GRPO: group-normalised, k3 KL
+    python train_ppo.py --reward gold --out out/ppo_gold          # a perfect labeller (world)
     python train_ppo.py --resume                                  # continue a stopped run
     torchrun --standalone --nproc_per_node 4 train_ppo.py         # 4 GPUs, 1/4 of the prompts each
 
@@ -24,6 +27,13 @@ the gold judge's score of the same rollouts, so reward hacking is visible when i
 
 Writes OUT/checkpoint.pt (the policy; the value model and KL controller ride in it for
 --resume), OUT/metrics.jsonl, OUT/eval.json (test prompts: gold, accuracy, KL, proxy).
+
+The reward need not be a reward model (CS224N, "Reinforcement Fine-Tuning"): --reward verifier
+is a grading function, 1 for a right answer (the world's checker, or your `module:function`),
+--reward gold the world's gold judge, on its labellers' scale (minirlhf/graders.py). Then no
+reward model is loaded and V_ψ starts from the SFT trunk. --advantage grpo (Shao et al. 2024)
+drops V_ψ: A = (R − mean of the prompt's k responses)/std, and β·KL leaves the reward for a k3
+term in the loss (`grpo_loss`).
 
 Left out on purpose: a shared policy/value trunk, reward whitening across iterations, several
 reward models, multi-turn episodes.
@@ -50,14 +60,14 @@ from minirlhf.distributed import masked_mean_var, mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy, token_logprobs
 from minirlhf.model import ScalarHeadModel
 from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advantages, gae,
-                         group_baseline_advantages, kl_penalised_return, kl_penalised_rewards,
-                         token_kl)
+                         group_baseline_advantages, group_normalized_advantages, kl_loss,
+                         kl_penalised_return, kl_penalised_rewards, token_kl)
 from minirlhf.sampler import Generation, generate
 from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (NonFiniteError, check_finite, fail, guarded_run, make_optimizer,
                                open_log, read_metrics, set_lr, start_run, write_json)
-from minirlhf.evaluate import (evaluate, evaluation_prompts, final_evaluation, reward_model_scorer,
-                               write_samples)
+from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, write_samples
+from minirlhf.graders import GraderError, all_world_prompts, make_reward
 from minirlhf.world import World, correct, gold_reward, is_world_prompt
 
 
@@ -191,6 +201,31 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     return loss, stats
 
 
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor | None = None,
+              beta: float = 0.0, clip_eps: float = 0.2, ent_coef: float = 0.0,
+              estimator: str = "k3") -> tuple[torch.Tensor, dict]:
+    """The critic-free objective of GRPO (Shao et al. 2024, DeepSeekMath, eq. 3) and RLOO, as a
+    loss: −(L^CLIP − β·D_KL + c2·H). No value model, so no L^VF.
+
+    logp, old_logp, advantages, mask: (B, T) as in `policy_loss`
+    ref_logp: (B, T) log π_ref of the sampled tokens (no grad)
+    entropy:  (B, T) per-token entropy, or None (H = 0)
+    beta:     β of the KL *loss term* (`minirlhf.rl.kl_loss`, k3 by default); 0 when the KL is
+              in the reward instead (--kl-in reward)
+    returns   loss (scalar), stats: those of `policy_loss`, "kl_loss", "entropy", "loss"
+
+    DeepSeekMath averages over each response's tokens, then over the group; this token mean over
+    the batch weights every token the same, as `policy_loss` does for PPO.
+    """
+    pg_loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_eps)
+    d_kl = kl_loss(logp, ref_logp, mask, estimator)  # D_KL(π_θ‖π_ref), k3: eq. 4
+    h = masked_mean(entropy, mask) if entropy is not None else logp.new_zeros(())  # H[π_θ]
+    loss = pg_loss + beta * d_kl - ent_coef * h  # −(L^CLIP − β·D_KL + c2·H)
+    return loss, {**stats, "kl_loss": d_kl.detach(), "entropy": h.detach(),
+                  "loss": loss.detach()}
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop: rollout (no grad) -> advantages -> update epochs over minibatches
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +235,12 @@ class PPOConfig:
     out: str = "out/ppo"              # folder for checkpoint.pt (the policy), metrics, eval.json
     sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the initial policy and the frozen
                                       # reference
-    rm: str = "out/rm"                # reward model stage (frozen)
+    rm: str = "out/rm"                # reward model stage (frozen), for --reward rm
+    reward: Literal["rm", "verifier", "gold"] = "rm"  # R(x, ŷ): the reward model | 1 for a right
+                                      # answer, else 0 | the gold judge (world; the labeller's
+                                      # scale): minirlhf/graders.py
+    verifier: str | None = None       # --reward verifier: module:function (prompt, response) ->
+                                      # number; none = the world's checker
     prompts: str | None = None        # prompts JSONL to train on; none = the world's train prompts
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     overwrite: bool = False           # start over in a used --out: its run files are replaced
@@ -221,8 +261,14 @@ class PPOConfig:
     adaptive_kl: bool = False         # adapt β toward --target-kl (Ziegler et al. 2019)
     target_kl: float = 4.0            # nats per response, for --adaptive-kl
     kl_horizon: int = 2000            # responses over which the adaptive controller reacts
-    advantage: Literal["gae", "bandit", "group"] = "gae"  # gae | bandit: γ=0, A = R − V(x) |
-                                                          # group: RLOO, no critic
+    advantage: Literal["gae", "bandit", "group", "grpo"] = "gae"  # gae | bandit: γ=0, A = R −
+                                      # V(x) | group: RLOO | grpo: (R − mean)/std per prompt;
+                                      # group and grpo have no value model
+    kl_in: Literal["auto", "reward", "loss"] = "auto"  # β·KL: in the per-token reward, or as a
+                                      # loss term (GRPO); auto: loss for grpo, else reward
+    kl_estimator: Literal["auto", "k1", "k3"] = "auto"  # the KL sample: auto = k3 in the loss,
+                                                        # k1 in the reward
+    group_std: bool = True            # grpo: divide by the group's std (--no-group-std: centre)
     gamma: float = 1.0                # discount γ (lecture ch. 2)
     lam: float = 0.95                 # GAE λ
     whiten: bool = True               # normalise advantages over the batch's real tokens
@@ -237,8 +283,8 @@ class PPOConfig:
     value_lr: float = 1e-3            # value model learning rate
     warmup: int = 5                   # iterations of linear learning-rate warmup
     grad_clip: float = 1.0            # max gradient norm, per model
-    value_init: Literal["rm", "sft"] = "rm"  # the value model starts from the reward model or
-                                             # the SFT trunk
+    value_init: Literal["auto", "rm", "sft"] = "auto"  # the value model starts from the reward
+                                      # model or the SFT trunk; auto: rm with --reward rm
     # logging
     eval_every: int = 20              # iterations between held-out evaluations
     eval_prompts: str | None = None   # prompts JSONL to evaluate on; none = the world's prompts
@@ -253,8 +299,44 @@ class PPOConfig:
                      non_negative=("warmup", "vf_coef", "ent_coef"))
         if self.value_clip is not None and self.value_clip <= 0:
             raise ValueError("--value-clip must be positive (or none)")
-        if self.advantage == "group" and self.samples_per_prompt < 2:
-            raise ValueError("--advantage group needs --samples-per-prompt of at least 2")
+        if self.advantage in ("group", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"--advantage {self.advantage} needs --samples-per-prompt of at "
+                             f"least 2")
+        if self.value_init == "rm" and self.reward != "rm":
+            raise ValueError(f"--value-init rm needs a reward model: --reward {self.reward} "
+                             f"loads none (use --value-init sft)")
+        if self.verifier and self.reward != "verifier":
+            raise ValueError("--verifier needs --reward verifier")
+        if not self.group_std and self.advantage != "grpo":
+            raise ValueError("--no-group-std applies to --advantage grpo only")
+        if self.kl_in == "loss" and self.critic:
+            raise ValueError("--kl-in loss is GRPO's form, for the critic-free --advantage grpo "
+                             "or group; with a value model the KL goes in the reward")
+
+    def unused_paths(self):
+        """The path flags this run never reads (`training.check_paths` skips them): --rm when
+        the reward is not a reward model."""
+        return ("rm",) if self.reward != "rm" else ()
+
+    @property
+    def critic(self) -> bool:
+        """Whether a value model is trained: not for the critic-free group and grpo."""
+        return self.advantage not in ("group", "grpo")
+
+    @property
+    def kl_place(self) -> str:
+        """Where β·KL goes: "reward" or "loss" (--kl-in; auto: loss for grpo)."""
+        if self.kl_in != "auto":
+            return self.kl_in
+        return "loss" if self.advantage == "grpo" else "reward"
+
+    @property
+    def kl_sample(self) -> str:
+        """The KL estimator of the penalty (--kl-estimator; auto: k3 in the loss, k1 in the
+        reward)."""
+        if self.kl_estimator != "auto":
+            return self.kl_estimator
+        return "k3" if self.kl_place == "loss" else "k1"
         if self.kl_coef < 0 or self.lr <= 0 or self.value_lr <= 0 or self.temperature <= 0:
             raise ValueError("--kl-coef must be >= 0; --lr, --value-lr, --temperature > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1):
@@ -290,17 +372,19 @@ class Rollout:
     ref_logp: torch.Tensor    # (B, T-1) log π_ref(y_t)
     old_values: torch.Tensor  # (B, T-1) V_ψ(s_t) at sampling time (0 without a critic)
     kl: torch.Tensor          # (B, T-1) log π_θold − log π_ref on response tokens (k1)
-    proxy: torch.Tensor       # (B,) r_φ(x, y), the reward model's score
-    score: torch.Tensor       # (B,) r_φ(x, y) + the no-end penalty: the reward being maximised
+    proxy: torch.Tensor       # (B,) R(x, y): r_φ's score, or the grader's (--reward)
+    score: torch.Tensor       # (B,) R(x, y) + the no-end penalty: the reward being maximised
     seconds: dict             # wall time of "generate" and "score"
+    texts: list[str]          # the B responses, decoded
 
 
 @torch.no_grad()
-def rollout(policy, fwd, ref, reward_model, value_model, tok, prompt_texts: list[str],
+def rollout(policy, fwd, ref, reward, value_model, tok, prompt_texts: list[str],
             cfg: PPOConfig, it: int, dist) -> Rollout:
     """Phase 1 (no grad): sample k responses to each of this iteration's prompts from π_θ, then
-    score them with the four models (lecture ch. 7, steps 1–2). `fwd` is the policy's forward
-    for scoring (compiled with --compile); sampling uses the plain `policy`."""
+    score them with the four models (lecture ch. 7, steps 1–2): `reward` is the reward model's
+    score or a grader's (minirlhf/graders.py). `fwd` is the policy's forward for scoring
+    (compiled with --compile); sampling uses the plain `policy`."""
     t0 = time.time()
     rng = np.random.default_rng([cfg.seed, it])
     chosen = rng.choice(len(prompt_texts), size=cfg.prompts_per_iter, replace=False)
@@ -318,52 +402,68 @@ def rollout(policy, fwd, ref, reward_model, value_model, tok, prompt_texts: list
     old_logp = per_token_logprobs(fwd, tokens, attn_mask, device)              # (B, T-1) π_θold
     ref_logp = per_token_logprobs(ref, tokens, attn_mask, device)              # (B, T-1) π_ref
     old_values = (state_values(value_model, tokens, attn_mask, device)         # (B, T-1) V(s_t)
-                  if cfg.advantage != "group" else torch.zeros_like(old_logp))
-    with autocast(device):
-        proxy = reward_model.score(tokens, attn_mask).float()                   # (B,) r_φ(x, y)
-    score = proxy + cfg.no_end_penalty * (~gen.ended).float()                     # unfinished
+                  if value_model is not None else torch.zeros_like(old_logp))
+    texts = [tok.decode(ids) for ids in gen.responses()]
+    proxy = reward(tokens, attn_mask, gen.ended, prompts, texts)                 # (B,) R(x, y)
+    score = proxy + no_end_penalty(cfg) * (~gen.ended).float()                    # unfinished
     seconds = {"generate": t1 - t0, "score": time.time() - t1}
     kl = token_kl(old_logp, ref_logp, mask)  # (B, T-1) log π_θ − log π_ref, lecture ch. 5
     check_finite(it + 1, proxy_reward=proxy.mean(), kl=kl.sum(-1).mean())  # name the cause
-    return Rollout(prompts, gen, mask, old_logp, ref_logp, old_values, kl, proxy, score, seconds)
+    return Rollout(prompts, gen, mask, old_logp, ref_logp, old_values, kl, proxy, score, seconds,
+                   texts)
+
+
+def no_end_penalty(cfg: PPOConfig) -> float:
+    """The penalty a response that never ends gets on top of R: --no-end-penalty, except with
+    the gold judge, which charges an unended response itself."""
+    return 0.0 if cfg.reward == "gold" else cfg.no_end_penalty
 
 
 def compute_advantages(ro: Rollout, beta: float, cfg: PPOConfig, dist):
-    """Phase 2: the KL-penalised reward r_φ − β·KL (lecture ch. 5) becomes advantages A_t and
+    """Phase 2: the KL-penalised reward R − β·KL (lecture ch. 5) becomes advantages A_t and
     value targets, per --advantage:
-      gae:    −β·KL_t on every token and r_φ on the last (`kl_penalised_rewards`), then GAE(γ, λ);
+      gae:    −β·KL_t on every token and R on the last (`kl_penalised_rewards`), then GAE(γ, λ);
       bandit: γ = 0, one action per response: A = R − V(x), R = r_φ − β·KL (ch. 7);
-      group:  RLOO, A = R − the mean R of the prompt's other k − 1 responses (ch. 3), no critic.
-    Returns advantages (B, T-1) (whitened over the whole rollout), returns (B, T-1) and the
-    value mask (B, T-1): where L^VF regresses V onto the returns."""
+      group:  RLOO, A = R − the mean R of the prompt's other k − 1 responses (ch. 3), no critic;
+      grpo:   A = (R − mean R of the prompt's k responses) / their std, no critic; the KL is
+              then a loss term (`grpo_loss`) unless --kl-in reward.
+    Returns advantages (B, T-1) (whitened over the whole rollout, except grpo's, normalised per
+    group already), returns (B, T-1) and the value mask (B, T-1): where L^VF regresses V."""
     mask, value_mask = ro.mask, ro.mask
+    beta = beta if cfg.kl_place == "reward" else 0.0  # in the loss instead: grpo_loss
+    kl = token_kl(ro.old_logp, ro.ref_logp, mask, cfg.kl_sample)  # (B, T-1) the penalty's KL_t
     if cfg.advantage == "gae":
-        rewards = kl_penalised_rewards(ro.score, ro.old_logp, ro.ref_logp, mask, beta)  # (B, T-1)
+        rewards = kl_penalised_rewards(ro.score, ro.old_logp, ro.ref_logp, mask, beta,
+                                       cfg.kl_sample)                               # (B, T-1)
         advantages, returns = gae(rewards, ro.old_values, mask, cfg.gamma, cfg.lam)
     else:
         at_prompt = ro.gen.prompt_len - 1  # column of V(x): the state before the response
         returns, value_mask = torch.zeros_like(ro.old_values), torch.zeros_like(mask)
+        k = cfg.samples_per_prompt
         if cfg.advantage == "bandit":
-            A, R = bandit_advantages(ro.score, ro.kl, ro.old_values[:, at_prompt], beta)  # (B,)
+            A, R = bandit_advantages(ro.score, kl, ro.old_values[:, at_prompt], beta)  # (B,)
             value_mask[:, at_prompt] = True  # V(x) regresses onto R
             returns[:, at_prompt] = R
-        else:  # no critic to train: the value mask stays empty
-            A = group_baseline_advantages(kl_penalised_return(ro.score, ro.kl, beta),
-                                          cfg.samples_per_prompt)                    # (B,)
+        elif cfg.advantage == "group":  # no critic to train: the value mask stays empty
+            A = group_baseline_advantages(kl_penalised_return(ro.score, kl, beta), k)  # (B,)
+        else:  # grpo
+            A = group_normalized_advantages(kl_penalised_return(ro.score, kl, beta), k,
+                                            cfg.group_std)                           # (B,)
         advantages = torch.where(mask, A[:, None].expand_as(ro.old_logp), 0.0)    # (B, T-1)
-    if cfg.whiten:  # with the mean and variance of the whole rollout, every process's
+    if cfg.whiten and cfg.advantage != "grpo":  # over the whole rollout, every process's
         advantages = masked_whiten(advantages, mask,
                                    mean_var=masked_mean_var(advantages, mask, dist))
     return advantages, returns, value_mask
 
 
 def ppo_update(policy, value_model, policy_opt, value_opt, ro: Rollout, advantages, returns,
-               value_mask, cfg: PPOConfig, it: int, dist) -> dict:
+               value_mask, beta: float, cfg: PPOConfig, it: int, dist) -> dict:
     """Phase 3: --epochs passes over shuffled minibatches of the rollout; on each, one AdamW step
-    of π_θ and of V_ψ on L_PPO = L^CLIP − c1·L^VF + c2·H (lecture ch. 4). `policy` and
-    `value_model` are the forward passes to train through (DDP-wrapped under torchrun).
-    Returns each statistic's mean over the minibatches."""
-    use_critic = cfg.advantage != "group"
+    of π_θ and of V_ψ on L_PPO = L^CLIP − c1·L^VF + c2·H (lecture ch. 4), or without a value
+    model of π_θ on `grpo_loss` (β·D_KL in it with --kl-in loss). `policy` and `value_model` are
+    the forward passes to train through (DDP-wrapped under torchrun; value_model None without a
+    critic). Returns each statistic's mean over the minibatches."""
+    beta = beta if cfg.kl_place == "loss" else 0.0  # in the reward instead: compute_advantages
     tokens, attn_mask, device = ro.gen.tokens, ro.gen.attn_mask, dist.device
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + it)
     agg = {}
@@ -374,16 +474,20 @@ def ppo_update(policy, value_model, policy_opt, value_opt, ro: Rollout, advantag
             mb = mb.to(device)
             logp, entropy = per_token_logprobs(policy, tokens[mb], attn_mask[mb], device,
                                                with_entropy=True)
-            values = (state_values(value_model, tokens[mb], attn_mask[mb], device)
-                      if use_critic else torch.zeros_like(logp))
-            loss, stats = ppo_loss(logp, ro.old_logp[mb], advantages[mb], values,
-                                   ro.old_values[mb], returns[mb], ro.mask[mb], entropy,
-                                   cfg.clip_eps, cfg.vf_coef, cfg.ent_coef, cfg.value_clip,
-                                   value_mask[mb])
+            if value_model is not None:
+                values = state_values(value_model, tokens[mb], attn_mask[mb], device)
+                loss, stats = ppo_loss(logp, ro.old_logp[mb], advantages[mb], values,
+                                       ro.old_values[mb], returns[mb], ro.mask[mb], entropy,
+                                       cfg.clip_eps, cfg.vf_coef, cfg.ent_coef, cfg.value_clip,
+                                       value_mask[mb])
+            else:  # critic-free: RLOO or GRPO
+                loss, stats = grpo_loss(logp, ro.old_logp[mb], ro.ref_logp[mb], advantages[mb],
+                                        ro.mask[mb], entropy, beta, cfg.clip_eps, cfg.ent_coef,
+                                        cfg.kl_sample)
             check_finite(it + 1, loss=loss)  # it + 1: the iteration as the log numbers it
             loss.backward()
             clip_and_step(policy, policy_opt, cfg.grad_clip, it + 1, "policy_grad_norm")
-            if use_critic:
+            if value_model is not None:
                 clip_and_step(value_model, value_opt, cfg.grad_clip, it + 1, "value_grad_norm")
             for name, v in stats.items():
                 agg.setdefault(name, []).append(float(v))
@@ -407,14 +511,16 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     dist = start_run(cfg, prog)  # one process, or one of torchrun's (minirlhf/distributed.py)
     policy, ref, reward_model, value_model, tok = load_four_models(cfg, dist.device)  # ch. 7
     prompt_texts, eval_set, source = training_prompts(cfg, tok, policy.config.block_size)
+    reward = make_reward(cfg.reward, verifier=cfg.verifier, reward_model=reward_model,
+                         device=dist.device, world_prompts=all_world_prompts(prompt_texts))
     policy_opt = make_optimizer(policy, cfg.lr, 0.0)
-    value_opt = make_optimizer(value_model, cfg.value_lr, 0.0)
+    value_opt = value_model and make_optimizer(value_model, cfg.value_lr, 0.0)  # None: no critic
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
               if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
     start = resume(cfg, tok, policy, policy_opt, value_model, value_opt, kl_ctl)  # or None
     it = start or 0
     fwd = maybe_compile(policy, dist.device, cfg.compile)
-    train_fwd, train_value = wrap(fwd, dist), wrap(value_model, dist)  # DDP under torchrun
+    train_fwd, train_value = wrap(fwd, dist), value_model and wrap(value_model, dist)  # DDP
     log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
     world, t_start = World(cfg.seed), time.time()
     bar = tqdm(total=cfg.iterations, initial=it, desc="ppo", disable=None if dist.is_main else True,
@@ -422,28 +528,28 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
     while it < cfg.iterations:
         beta = kl_ctl.kl_coef
         for opt, lr in ((policy_opt, cfg.lr), (value_opt, cfg.value_lr)):
-            set_lr(opt, lr * min(1.0, (it + 1) / max(1, cfg.warmup)))  # linear warmup
-        ro = rollout(policy, fwd, ref, reward_model, value_model, tok, prompt_texts, cfg, it,
+            if opt is not None:
+                set_lr(opt, lr * min(1.0, (it + 1) / max(1, cfg.warmup)))  # linear warmup
+        ro = rollout(policy, fwd, ref, reward, value_model, tok, prompt_texts, cfg, it,
                      dist)                                                      # 1. rollout
         t_update = time.time()
         advantages, returns, value_mask = compute_advantages(ro, beta, cfg, dist)  # 2.
         stats = ppo_update(train_fwd, train_value, policy_opt, value_opt, ro, advantages,
-                           returns, value_mask, cfg, it, dist)                  # 3. update
+                           returns, value_mask, beta, cfg, it, dist)            # 3. update
         it += 1
         bar.update(1)
         ro.seconds["update"] = time.time() - t_update
-        row = log_iteration(log, it, ro, stats, beta, tok, dist)
+        row = log_iteration(log, it, ro, stats, beta, cfg, dist)
         kl_ctl.update(row["kl"], len(ro.prompts) * dist.world_size)
         if it % cfg.eval_every == 0 or it == cfg.iterations:  # every process evaluates
-            held_out_evaluation(log, it, policy, ref, reward_model, tok, world, eval_set, cfg,
-                                dist.device)
+            held_out_evaluation(log, it, policy, ref, reward, tok, world, eval_set, cfg)
         if dist.is_main and (it % cfg.ckpt_every == 0 or it == cfg.iterations):
             save(cfg, it, tok, policy, policy_opt, value_model, value_opt, kl_ctl)
     bar.close()
     result = {"train_seconds": time.time() - t_start, "iterations": it}
     if dist.is_main:  # rank 0 evaluates and writes eval.json
-        result.update(final_results(cfg, policy, ref, reward_model, tok, world, eval_set,
-                                    source, dist.device))
+        result.update(final_results(cfg, policy, ref, reward, tok, world, eval_set, source,
+                                    dist.device))
         write_json(os.path.join(cfg.out, "eval.json"), result)
     return result
 
@@ -455,16 +561,24 @@ def train(cfg: PPOConfig, prog: str = "train_ppo.py") -> dict:
 def load_four_models(cfg: PPOConfig, device):
     """The four models of lecture ch. 7: the policy π_θ (trainable, starts as the SFT model), the
     reference π_ref (a frozen SFT copy), the reward model r_φ (frozen) and the value model V_ψ
-    (trainable, starts as the reward model or the SFT trunk). Returns them and the tokenizer."""
+    (trainable, starts as the reward model or the SFT trunk). Returns them and the tokenizer.
+    With a grader for reward (--reward verifier|gold) no reward model is loaded (None) and V_ψ
+    starts from the SFT trunk; the critic-free group and grpo have no V_ψ (None)."""
     policy, tok, _ = load_stage(cfg.sft, "gpt", device)          # π_θ: trainable
     ref, _, _ = load_stage(cfg.sft, "gpt", device)               # π_ref: frozen SFT copy
-    reward_model, rm_tok, _ = load_stage(cfg.rm, "scalar", device)  # r_φ: frozen
-    if rm_tok.fingerprint() != tok.fingerprint():
-        raise CheckpointError(f"{cfg.rm}: the reward model uses another tokenizer than {cfg.sft}")
-    value_model = (copy.deepcopy(reward_model) if cfg.value_init == "rm"  # V_ψ: trainable
-                   else ScalarHeadModel.from_gpt(policy))
+    reward_model = value_model = None
+    if cfg.reward == "rm":
+        reward_model, rm_tok, _ = load_stage(cfg.rm, "scalar", device)  # r_φ: frozen
+        if rm_tok.fingerprint() != tok.fingerprint():
+            raise CheckpointError(f"{cfg.rm}: the reward model uses another tokenizer than "
+                                  f"{cfg.sft}")
+    if cfg.critic:  # V_ψ: trainable, from r_φ (--value-init rm; auto with --reward rm) or SFT
+        from_rm = cfg.value_init == "rm" or (cfg.value_init == "auto" and cfg.reward == "rm")
+        value_model = (copy.deepcopy(reward_model) if from_rm
+                       else ScalarHeadModel.from_gpt(policy))
     for frozen in (ref, reward_model):
-        frozen.eval().requires_grad_(False)
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
     return policy, ref, reward_model, value_model, tok
 
 
@@ -496,12 +610,14 @@ def training_prompts(cfg: PPOConfig, tok, block_size: int):
 
 
 def save(cfg: PPOConfig, it: int, tok, policy, policy_opt, value_model, value_opt, kl_ctl):
-    """OUT/checkpoint.pt: the policy, and for --resume the value model, both optimizers, β."""
-    value_state = {k: v.detach().cpu() for k, v in value_model.state_dict().items()}
+    """OUT/checkpoint.pt: the policy, and for --resume the value model (if any), both
+    optimizers, β."""
+    extra = {"kl_controller": kl_ctl.state_dict()}
+    if value_model is not None:
+        extra["value_model"] = {k: v.detach().cpu() for k, v in value_model.state_dict().items()}
+        extra["value_optimizer"] = value_opt.state_dict()
     save_stage(cfg.out, model=policy, model_kind="gpt", config=cfg, tokenizer=tok, step=it,
-               optimizer=policy_opt, rng=rng_state(),
-               extra={"value_model": value_state, "value_optimizer": value_opt.state_dict(),
-                      "kl_controller": kl_ctl.state_dict()})
+               optimizer=policy_opt, rng=rng_state(), extra=extra)
 
 
 def resume(cfg: PPOConfig, tok, policy, policy_opt, value_model, value_opt, kl_ctl) -> int | None:
@@ -515,19 +631,21 @@ def resume(cfg: PPOConfig, tok, policy, policy_opt, value_model, value_opt, kl_c
     check_compatible(ck, ck_path, model_config=policy.config, tokenizer=tok)
     policy.load_state_dict(ck["model"])
     policy_opt.load_state_dict(ck["optimizer"])
-    value_model.load_state_dict(ck["extra"]["value_model"])
-    value_opt.load_state_dict(ck["extra"]["value_optimizer"])
+    if value_model is not None:
+        value_model.load_state_dict(ck["extra"]["value_model"])
+        value_opt.load_state_dict(ck["extra"]["value_optimizer"])
     kl_ctl.load_state_dict(ck["extra"]["kl_controller"])
     set_rng_state(ck["rng"])
     print(f"resumed from {ck_path} at iteration {ck['step']}")
     return ck["step"]
 
 
-def log_iteration(log, it: int, ro: Rollout, stats: dict, beta: float, tok, dist) -> dict:
-    """One metrics row and one printed line: the proxy reward r_φ, the KL, the PPO diagnostics,
-    and the gold judge's verdict on the same rollouts (world prompts only), so reward hacking
-    shows when it happens. Returns the row (means over every process's responses)."""
-    texts = [tok.decode(ids) for ids in ro.gen.responses()]
+def log_iteration(log, it: int, ro: Rollout, stats: dict, beta: float, cfg, dist) -> dict:
+    """One metrics row and one printed line: the reward being optimised (r_φ or the grader's,
+    logged as "proxy"), the KL, the PPO diagnostics, and the gold judge's verdict on the same
+    rollouts (world prompts only), so reward hacking shows when it happens. Returns the row
+    (means over every process's responses)."""
+    texts = ro.texts
     known = [i for i, p in enumerate(ro.prompts) if is_world_prompt(p)]
     gold = [gold_reward(ro.prompts[i], texts[i], bool(ro.gen.ended[i])) for i in known]
     acc = [float(correct(ro.prompts[i], texts[i])) for i in known]
@@ -541,23 +659,25 @@ def log_iteration(log, it: int, ro: Rollout, stats: dict, beta: float, tok, dist
     log.write(it, split="train", **row)
     judged = (f"gold {row['gold']:+.3f} | acc {row['accuracy']:.2f}" if row["gold"] is not None
               else "gold n/a (not the built-in world)")
-    print(f"iter {it:4d} | rm {row['proxy']:+.3f} | {judged} | kl {row['kl']:6.2f} | "
+    critic = (f"vf {row['value_loss']:.4f} | ev {row['explained_variance']:+.2f}"
+              if "value_loss" in row else f"kl_loss {row['kl_loss']:.4f}")
+    print(f"iter {it:4d} | {cfg.reward} {row['proxy']:+.3f} | {judged} | kl {row['kl']:6.2f} | "
           f"β {beta:.3f} | approx_kl {row['approx_kl']:.4f} | clipfrac {row['clipfrac']:.3f} | "
-          f"entropy {row['entropy']:.3f} | vf {row['value_loss']:.4f} | "
-          f"ev {row['explained_variance']:+.2f} | len {row['length']:4.1f} | "
+          f"entropy {row['entropy']:.3f} | {critic} | len {row['length']:4.1f} | "
           + "/".join(f"{s:.2f}" for s in ro.seconds.values()) + "s", flush=True)
     return row
 
 
-def held_out_evaluation(log, it: int, policy, ref, reward_model, tok, world, eval_set,
-                        cfg: PPOConfig, device) -> None:
+def held_out_evaluation(log, it: int, policy, ref, reward, tok, world, eval_set,
+                        cfg: PPOConfig) -> None:
     """Fresh samples, one per prompt, logged as split "val": gold, accuracy, KL on the world's
     validation prompts; on your own data (or --eval-prompts) the evaluation prompts, with the
-    reward model's score, and the samples in OUT/samples.jsonl (the latest evaluation's)."""
+    reward's score (r_φ or the grader's), and the samples in OUT/samples.jsonl (the latest
+    evaluation's)."""
     own = cfg.prompts or cfg.eval_prompts
     ev = evaluate(policy, tok, eval_set if own else world.val_prompts, ref=ref,
                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, records=bool(own),
-                  reward=reward_model_scorer(reward_model, device) if own else None)
+                  reward=reward if own else None)
     if own:
         write_samples(cfg.out, ev.pop("records"), step=it)
     row = {k: ev[k] for k in ("gold", "accuracy", "kl", "reward", "length") if k in ev}
@@ -566,12 +686,12 @@ def held_out_evaluation(log, it: int, policy, ref, reward_model, tok, world, eva
           flush=True)
 
 
-def final_results(cfg: PPOConfig, policy, ref, reward_model, tok, world, eval_set, source,
+def final_results(cfg: PPOConfig, policy, ref, reward, tok, world, eval_set, source,
                   device) -> dict:
     """The end of the run: the proxy over the last tenth of training, the median seconds of each
     phase, and on the evaluation prompts the final evaluation (sampled and greedy, KL to SFT,
-    the reward model's score; OUT/samples.jsonl); on the world's test prompts also the reward
-    model's mean score of fresh samples (what it thinks of the final policy)."""
+    the reward's score: r_φ or the grader's; OUT/samples.jsonl); on the world's test prompts
+    also the reward's mean score of fresh samples (what it thinks of the final policy)."""
     rows = [r for r in read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
             if r["split"] == "train"]
     result = {"final_proxy": float(np.mean([r["proxy"] for r in rows[-max(1, len(rows) // 10):]])),
@@ -579,26 +699,26 @@ def final_results(cfg: PPOConfig, policy, ref, reward_model, tok, world, eval_se
                                 for p in ("generate", "score", "update")},
               "eval_prompts": source}
     result.update(final_evaluation(policy, tok, eval_set, ref=ref,
-                                   reward=reward_model_scorer(reward_model, device),
+                                   reward=reward,
                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                    repeats=cfg.eval_samples, out_dir=cfg.out))
     if not cfg.prompts and not cfg.eval_prompts:
-        result["test_proxy"] = reward_on(policy, reward_model, tok, world.test_prompts, cfg,
-                                         device)
-        print(f"test proxy reward (RM) {result['test_proxy']:+.3f} | median phase seconds "
-              f"{result['phase_seconds']}")
+        result["test_proxy"] = reward_on(policy, reward, tok, world.test_prompts, cfg, device)
+        print(f"test proxy reward ({cfg.reward}) {result['test_proxy']:+.3f} | median phase "
+              f"seconds {result['phase_seconds']}")
     return result
 
 
 @torch.no_grad()
-def reward_on(policy, reward_model, tok, prompts, cfg, device) -> float:
-    """Mean reward-model score of policy samples (temperature 1) on the given prompts."""
-    gen = generate(policy, [tok.render_prompt(p.text) for p in prompts], cfg.max_new_tokens,
+def reward_on(policy, reward, tok, prompts, cfg, device) -> float:
+    """Mean reward (r_φ or the grader's, without the no-end penalty) of policy samples
+    (temperature 1) on the given prompts."""
+    texts = [p.text for p in prompts]
+    gen = generate(policy, [tok.render_prompt(p) for p in texts], cfg.max_new_tokens,
                    eos_id=tok.end_id, pad_id=tok.pad_id,
                    generator=torch.Generator(device=device).manual_seed(cfg.seed + 11))
-    with autocast(device):
-        score = reward_model.score(gen.tokens, gen.attn_mask).float()
-    return score.mean().item()
+    responses = [tok.decode(ids) for ids in gen.responses()]
+    return reward(gen.tokens, gen.attn_mask, gen.ended, texts, responses).mean().item()
 
 
 def main(argv=None):
@@ -607,7 +727,7 @@ def main(argv=None):
     try:
         train(cfg, prog)
     except (DataError, CheckpointError, TokenizerError, NonFiniteError, ValueError,
-            OSError) as e:  # OSError: a full disk, a read-only folder
+            GraderError, OSError) as e:  # OSError: a full disk, a read-only folder
         fail(prog, str(e))
 
 

@@ -38,7 +38,8 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
     the mean KL to it, KL(π‖π_ref) estimated per response as Σ_t log π(y_t) − log π_ref(y_t)
     over its tokens (k1, lecture ch. 5; unbiased because the responses are sampled from π);
     given `reward`, a function of the sampled batch (tokens (B, T), attn_mask (B, T), ended
-    (B,)) -> (B,) such as a reward model's score, its mean. The gold judge scores the responses
+    (B,), prompts, responses: B texts each) -> (B,), such as a reward model's score or a
+    grading function (minirlhf/graders.py), its mean. The gold judge scores the responses
     to the world's own prompts (any prompt it knows, whatever the tokenizer): "gold",
     "accuracy" and "optimum" average those.
 
@@ -72,12 +73,14 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
             mask = g.response_mask[:, 1:]
             kl = torch.where(mask, g.logprobs[:, 1:] - ref_logp, 0.0).sum(-1).tolist()  # (B,)
             kls += kl
+        responses = [tokenizer.decode(ids) for ids in g.responses()]
         if reward is not None:
             with torch.no_grad():
-                reward_of = reward(g.tokens, g.attn_mask, g.ended).float().tolist()
+                reward_of = reward(g.tokens, g.attn_mask, g.ended, chunk,
+                                   responses).float().tolist()
             rewards += reward_of
         for j, (p, ids, ended) in enumerate(zip(chunk, g.responses(), g.ended.tolist())):
-            rec = {"prompt": p, "response": tokenizer.decode(ids), "greedy": temperature == 0,
+            rec = {"prompt": p, "response": responses[j], "greedy": temperature == 0,
                    "length": len(ids), "ended": bool(ended)}
             rec.update({} if kl is None else {"kl": kl[j]})
             rec.update({} if reward_of is None else {"reward": reward_of[j]})
@@ -223,7 +226,7 @@ def evaluation_prompts(path: str | None, training_prompts: list[str], held_out: 
 def reward_model_scorer(reward_model, device, no_end_penalty: float = 0.0):
     """`evaluate`'s reward: the reward model's score r_φ(x, y) of each sampled response, plus
     `no_end_penalty` for a response that never ended (as PPO's rollout scores it)."""
-    def score(tokens, attn_mask, ended):
+    def score(tokens, attn_mask, ended, prompts=None, responses=None):
         with autocast(device):
             r = reward_model.score(tokens, attn_mask).float()                       # (B,)
         return r + no_end_penalty * (~ended).float()

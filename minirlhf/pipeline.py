@@ -126,6 +126,13 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", action="store_true",
                         help="every stage prints its whole config at start")
     parser.add_argument("--sweep", action="store_true", help="also PPO and DPO at several β")
+    parser.add_argument("--all", action="store_true",
+                        help="also the methods beyond the reward model: PPO with the gold "
+                             "reward, RFT and GRPO with the verifier, GRPO with the reward "
+                             "model, and RLAIF (~30 min on 2 CPU cores)")
+    parser.add_argument("--judge-pairs", type=int, nargs="+", default=[4000], metavar="N",
+                        help="with --all: RLAIF judges trained on N human pairs each (default "
+                             "4000); several N draw the curve of judge quality")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA and bf16-native CPUs (minirlhf/device.py)")
@@ -135,12 +142,17 @@ def parse_args(argv=None):
         parser.error("the pipeline runs in one process; run the train_*.py scripts under torchrun")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out, --overwrite starts it over: give one")
+    if args.judge_pairs != [4000] and not args.all:
+        parser.error("--judge-pairs needs --all")
+    if any(n < 1 for n in args.judge_pairs) or len(set(args.judge_pairs)) < len(args.judge_pairs):
+        parser.error(f"--judge-pairs must be distinct positive counts, not {args.judge_pairs}")
     try:
-        check_configs(args, stage_configs(args))
+        cfgs = stage_configs(args)
+        check_configs(args, cfgs)
     except ValueError as e:
         parser.error(str(e))
-    used = [os.path.join(stage, name) for stage in MODULES
-            for name in run_files(os.path.join(args.out, stage))]
+    used = [os.path.join(os.path.relpath(cfg.out, args.out), name) for cfg in cfgs.values()
+            for name in run_files(cfg.out)]
     used += run_files(args.out, ("summary.json",))
     if used and not (args.overwrite or args.resume):
         parser.error(f"{args.out} already holds a pipeline run ({used[0]}); pass --overwrite to "
@@ -179,10 +191,11 @@ def stage_configs(args) -> dict:
                                iterations=min(ppo.iterations, 40))
     dpo = shrink(train_dpo.DPOConfig(out=f"{out}/dpo", sft=f"{out}/sft",
                                      data=f"{out}/rm/prefs.jsonl", **common))
-    cfgs = {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)),
-            "rm": shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True,
-                                           **common)),
+    rm = shrink(train_rm.RMConfig(out=f"{out}/rm", sft=f"{out}/sft", make_pairs=True, **common))
+    cfgs = {"sft": shrink(train_sft.SFTConfig(out=f"{out}/sft", **common)), "rm": rm,
             "ppo": ppo, "ppo_no_kl": hack, "dpo": dpo}
+    if args.all:
+        cfgs.update(beyond_the_reward_model(args, ppo, rm))
     if args.sweep:
         for method, base, field, betas in (("ppo", ppo, "kl_coef", (0.01, 0.02, 0.1, 0.5)),
                                            ("dpo", dpo, "beta", (0.1, 1.0, 3.0))):
@@ -192,13 +205,46 @@ def stage_configs(args) -> dict:
     return cfgs
 
 
-MODULES = {"sft": train_sft, "rm": train_rm, "ppo": train_ppo, "ppo_no_kl": train_ppo,
-           "dpo": train_dpo}
+def beyond_the_reward_model(args, ppo, rm) -> dict:
+    """--all's stages: PPO with the gold reward (a perfect labeller), RFT (PPO with the
+    verifier), GRPO with the verifier and with the reward model, and for each --judge-pairs N
+    RLAIF: a judge (a reward model on N human pairs) labels the reward model's pairs, a reward
+    model learns from its labels, PPO optimises that reward model."""
+    out = args.out
+    cfgs = {"ppo_gold": dataclasses.replace(ppo, out=f"{out}/ppo_gold", reward="gold"),
+            "rft": dataclasses.replace(ppo, out=f"{out}/rft", reward="verifier"),
+            "grpo": dataclasses.replace(ppo, out=f"{out}/grpo", reward="verifier",
+                                        advantage="grpo"),
+            "grpo_rm": dataclasses.replace(ppo, out=f"{out}/grpo_rm", advantage="grpo")}
+    for n in args.judge_pairs:
+        folder = f"{out}/rlaif_{n}"
+        # a judge of N human pairs overfits them early: validated every 100 steps, best kept
+        n_judge = min(n, rm.n_pairs) if args.quick else n
+        cfgs[f"judge_{n}"] = dataclasses.replace(rm, out=f"{folder}/judge", n_pairs=n_judge,
+                                                 eval_every=min(rm.eval_every, 100))
+        cfgs[f"rm_ai_{n}"] = dataclasses.replace(
+            rm, out=f"{folder}/rm", make_pairs=False, data=f"{out}/rm/prefs.jsonl",
+            val_data=f"{out}/rm/prefs_val.jsonl", test_data=f"{out}/rm/prefs_test.jsonl",
+            labeller=f"ai:{folder}/judge")
+        cfgs[f"rlaif_{n}"] = dataclasses.replace(ppo, out=f"{folder}/ppo", rm=f"{folder}/rm")
+    return cfgs
 
 
-def reads(name: str) -> tuple[str, ...]:
-    """The stages whose folders a stage reads (DPO reads the reward model's preference pairs)."""
-    return () if name == "sft" else ("sft",) if name == "rm" else ("sft", "rm")
+def reads(name: str, cfgs: dict) -> tuple[str, ...]:
+    """The stages whose folders a stage reads: those its path flags name (--sft, --rm, the
+    folders of --data and its kin, a judge's folder)."""
+    cfg = cfgs[name]
+    paths = [getattr(cfg, f, None) for f in ("sft", "policy")]
+    if not isinstance(cfg, train_ppo.PPOConfig) or cfg.reward == "rm":
+        paths.append(getattr(cfg, "rm", None))
+    paths += [os.path.dirname(p) for p in (getattr(cfg, f, None) for f in
+                                           ("data", "val_data", "test_data")) if p]
+    labeller = getattr(cfg, "labeller", "human")
+    if labeller.startswith("ai:"):
+        paths.append(labeller[3:])
+    paths = {os.path.normpath(p) for p in paths if p}
+    return tuple(other for other, c in cfgs.items()
+                 if other != name and os.path.normpath(c.out) in paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +257,7 @@ PAIRS = ("prefs.jsonl", "prefs_val.jsonl", "prefs_test.jsonl")  # train_rm.py ma
 PAIR_COUNTS = dict(zip(PAIRS, ("n_pairs", "n_val_pairs", "n_test_pairs")))
 # Fields the pipeline sets per run, or from --out: a run moved to another folder still resumes.
 NOT_COMPARED = {"resume", "overwrite", "verbose", "make_pairs", "pairs_only", "out", "sft", "rm",
-                "data"}
+                "data", "val_data", "test_data", "labeller"}
 
 
 @dataclasses.dataclass
@@ -237,12 +283,12 @@ def plan_stages(args, cfgs: dict) -> dict[str, Plan]:
     plans: dict[str, Plan] = {}
     for name, cfg in cfgs.items():
         check_same_flags(cfg)
-        redone = [d for d in reads(name) if plans[d].action != "skip"]
+        redone = [d for d in reads(name, cfgs) if plans[d].action != "skip"]
         used = bool(run_files(cfg.out, USED_IF))
         state, why = stage_state(cfg)
         # the reward model's pairs, when complete and made from the SFT model that is kept
-        keep_pairs = isinstance(cfg, train_rm.RMConfig) and not redone and bool(
-            pairs_complete(cfg))
+        makes_pairs = isinstance(cfg, train_rm.RMConfig) and cfg.make_pairs
+        keep_pairs = makes_pairs and not redone and bool(pairs_complete(cfg))
         if redone:  # its inputs are made again: what its folder holds was made from the old ones
             plans[name] = Plan(overwrite=used, note=(
                 f"{name} starts over: it reads {redone[0]}, which is trained again above"
@@ -251,7 +297,7 @@ def plan_stages(args, cfgs: dict) -> dict[str, Plan]:
             plans[name] = Plan("skip", note=f"skipped: {why}")
         elif state == "damaged":
             plans[name] = Plan(overwrite=True, note=f"{why}: training {name} again from scratch")
-        elif isinstance(cfg, train_rm.RMConfig) and used and not keep_pairs:
+        elif makes_pairs and used and not keep_pairs:
             plans[name] = Plan(overwrite=True, note=f"{cfg.out}: its preference pairs are "
                                f"incomplete: making them and training {name} again")
         else:  # stopped midway: continued from its checkpoint; or not started yet
@@ -297,7 +343,7 @@ def stage_state(cfg) -> tuple[str, str]:
     if read_eval(cfg.out) is None:
         return "stopped", (f"resuming {cfg.out} from its {CHECKPOINT} (step {step}): the run "
                            f"stopped before it wrote eval.json")
-    if isinstance(cfg, train_rm.RMConfig) and not pairs_complete(cfg):
+    if isinstance(cfg, train_rm.RMConfig) and cfg.make_pairs and not pairs_complete(cfg):
         return "stopped", f"{cfg.out} is finished but its preference pairs are incomplete"
     return "complete", (f"{cfg.out} is complete (eval.json; {CHECKPOINT} loads): its results "
                         f"are read from eval.json")
@@ -354,7 +400,7 @@ def run_stage(name, cfg, plan: Plan, results, timings):
     cfg = dataclasses.replace(cfg, resume=plan.resume, overwrite=plan.overwrite)
     module, script = MODULE_OF[type(cfg)], SCRIPTS[type(cfg)]
     t0 = time.time()
-    if isinstance(cfg, train_rm.RMConfig):  # pairs sampled when the stage starts, kept after
+    if isinstance(cfg, train_rm.RMConfig) and cfg.make_pairs:  # pairs made when it starts
         cfg = dataclasses.replace(cfg, make_pairs=plan.make_pairs)
         if not plan.make_pairs:
             print(f"preference pairs complete in {cfg.out} ({pairs_complete(cfg)}): kept, not "
@@ -373,7 +419,8 @@ def clear_old_run(cfgs: dict, out: str) -> None:
     before the first stage starts, so that a new run stopped midway resumes with nothing of the
     old one. The reward model's preference pairs go too: the pipeline makes them again."""
     for cfg in cfgs.values():
-        names = RUN_FILES + (PAIRS if isinstance(cfg, train_rm.RMConfig) else ())
+        makes_pairs = isinstance(cfg, train_rm.RMConfig) and cfg.make_pairs
+        names = RUN_FILES + (PAIRS if makes_pairs else ())
         for name in run_files(cfg.out, names):
             os.remove(os.path.join(cfg.out, name))
     for name in run_files(out, ("summary.json",)):
@@ -390,7 +437,7 @@ def closed_form_optimum(args, ppo_cfg, dpo_cfg) -> list[dict]:
     sft_policy, tok, _ = load_stage(f"{args.out}/sft", "gpt", device)
     reward_model = load_stage(f"{args.out}/rm", "scalar", device)[0].eval()
 
-    def ppo_reward(tokens, attn_mask, ended):  # as PPO's rollout scores a response (train_ppo.py)
+    def ppo_reward(tokens, attn_mask, ended, *texts):  # as PPO's rollout scores (train_ppo.py)
         with autocast(device):
             score = reward_model.score(tokens, attn_mask).float()
         return score + ppo_cfg.no_end_penalty * (~ended).float()
@@ -422,7 +469,8 @@ def summarize(results: dict, timings: dict, world: dict) -> dict:
                "n_pairs": rm["n_train_pairs"], "seconds": timings["rm"]},
         "ppo": {"gold": ppo["sampled"]["gold"], "accuracy": ppo["sampled"]["accuracy"],
                 "kl": ppo["sampled"]["kl"], "proxy": ppo["test_proxy"],
-                "greedy_gold": ppo["greedy"]["gold"], "seconds": timings["ppo"]},
+                "greedy_gold": ppo["greedy"]["gold"], "seconds": timings["ppo"],
+                "update_seconds": ppo["phase_seconds"]["update"]},
         "ppo_no_kl": {"gold": hack["sampled"]["gold"], "accuracy": hack["sampled"]["accuracy"],
                       "proxy": hack["test_proxy"], "kl": hack["sampled"]["kl"],
                       "seconds": timings["ppo_no_kl"]},
@@ -431,9 +479,49 @@ def summarize(results: dict, timings: dict, world: dict) -> dict:
                 "implicit_accuracy": dpo.get("test_pairs", {}).get("accuracy"),
                 "greedy_gold": dpo["greedy"]["gold"], "seconds": timings["dpo"]},
     }
-    summary["gap_closed"] = {m: gap_closed(summary, summary[m]["gold"])
-                             for m in ("ppo", "ppo_no_kl", "dpo")}
+    summary.update(beyond_summary(results, timings))
+    summary["gap_closed"] = {m: gap_closed(summary, summary[m]["gold"]) for m in
+                             ("ppo", "ppo_no_kl", "dpo") + BEYOND + ("rlaif",) if m in summary}
     return summary
+
+
+BEYOND = ("ppo_gold", "rft", "grpo", "grpo_rm")  # --all's PPO-family stages, besides RLAIF
+
+
+def policy_row(r: dict, seconds: float) -> dict:
+    """A trained policy's row of summary.json: sampled gold, accuracy, KL to SFT; greedy gold;
+    what its own reward says of it on the test prompts; the median update-phase seconds."""
+    return {"gold": r["sampled"]["gold"], "accuracy": r["sampled"]["accuracy"],
+            "kl": r["sampled"]["kl"], "greedy_gold": r["greedy"]["gold"],
+            "proxy": r.get("test_proxy"), "seconds": seconds,
+            "update_seconds": r.get("phase_seconds", {}).get("update")}
+
+
+def beyond_summary(results: dict, timings: dict) -> dict:
+    """--all's rows: "ppo_gold", "rft", "grpo", "grpo_rm" (policy rows), and RLAIF per judge:
+    "rlaif_curve" [{judge_pairs, judge_test_accuracy, judge_agreement, human_agreement,
+    rm_test_accuracy, bayes_accuracy, gold, accuracy, kl, seconds}], "rlaif" its 4000-pair
+    point (or its first). seconds: judge + reward model + PPO."""
+    rows = {m: policy_row(results[m], timings[m]) for m in BEYOND if m in results}
+    curve = []
+    for name in results:
+        if not name.startswith("judge_"):
+            continue
+        n = int(name[len("judge_"):])
+        judge, rm_ai, ppo = (results[f"{k}_{n}"] for k in ("judge", "rm_ai", "rlaif"))
+        labels = rm_ai.get("labels", {})
+        curve.append({"judge_pairs": n, "judge_test_accuracy": judge.get("test_accuracy"),
+                      "judge_agreement": labels.get("agreement"),
+                      "human_agreement": labels.get("human_agreement"),
+                      "rm_test_accuracy": rm_ai.get("test_accuracy"),
+                      "rm_expected_accuracy": rm_ai.get("test_expected_accuracy"),
+                      "bayes_accuracy": rm_ai.get("bayes_accuracy"),
+                      **policy_row(ppo, sum(timings[f"{k}_{n}"] for k in
+                                            ("judge", "rm_ai", "rlaif")))})
+    if curve:
+        rows["rlaif_curve"] = sorted(curve, key=lambda c: c["judge_pairs"])
+        rows["rlaif"] = next((c for c in curve if c["judge_pairs"] == 4000), curve[0])
+    return rows
 
 
 def gap_closed(summary: dict, gold: float) -> float | None:
@@ -452,6 +540,11 @@ def frontier_points(summary: dict, cfgs: dict, results: dict) -> list:
                  "gold": summary["ppo_no_kl"]["gold"]},
                 {"method": "DPO", "kl": summary["dpo"]["kl"], "gold": summary["dpo"]["gold"],
                  "label": f"β={dpo_cfg.beta:g}"}]
+    for key, method in (("ppo_gold", "PPO gold"), ("rft", "RFT"), ("grpo", "GRPO"),
+                        ("grpo_rm", "GRPO RM"), ("rlaif", "RLAIF")):
+        if key in summary:
+            frontier.append({"method": method, "kl": summary[key]["kl"],
+                             "gold": summary[key]["gold"]})
     for name in cfgs:
         if " β=" in name:  # a --sweep run: "ppo β=0.01"
             method, beta = name.split(" ")
@@ -547,6 +640,34 @@ def print_table(s: dict) -> None:
             print(f"  with PPO's reward (the trained reward model) instead: PPO "
                   f"β={o['ppo']['beta']:g}: gold {r['gold']:.3f}, KL {r['kl']:.2f}, gap closed "
                   f"{f(r['gap_closed'], '.2f')}")
+    if any(m in s for m in BEYOND + ("rlaif",)):
+        print_beyond(s, f)
+
+
+def print_beyond(s: dict, f) -> None:
+    """--all's table: each method's training signal, gold, accuracy, KL, the gap it closes,
+    the median seconds of one update phase and the stage's seconds; then RLAIF per judge."""
+    print(f"\nbeyond the reward model (β = the PPO stage's; update: median seconds of one "
+          f"update phase)\n{'method':<9} {'training signal':<28} {'gold':>6} {'accuracy':>9} "
+          f"{'KL':>6} {'gap':>6} {'update':>7} {'seconds':>8}")
+    rows = [("PPO", "reward model (human pairs)", "ppo"), ("PPO gold", "gold judge (perfect)",
+                                                           "ppo_gold"),
+            ("RFT", "verifier: right answer 1/0", "rft"), ("GRPO", "verifier, no critic", "grpo"),
+            ("GRPO RM", "reward model, no critic", "grpo_rm"),
+            ("RLAIF", "RM on an AI judge's labels", "rlaif")]
+    for name, signal, key in rows:
+        if key in s:
+            r = s[key]
+            print(f"{name:<9} {signal:<28} {f(r['gold'], '6.3f'):>6} "
+                  f"{f(r['accuracy'], '9.3f'):>9} {f(r['kl'], '6.2f'):>6} "
+                  f"{f(s['gap_closed'].get(key), '6.2f'):>6} "
+                  f"{f(r.get('update_seconds'), '7.2f'):>7} {f(r['seconds'], '8.0f'):>8}")
+    for c in s.get("rlaif_curve", []):
+        print(f"RLAIF, judge of {c['judge_pairs']} human pairs: judge test accuracy "
+              f"{f(c['judge_test_accuracy'], '.3f')}, agrees with the human labels "
+              f"{f(c['judge_agreement'], '.3f')} (two humans: {f(c['human_agreement'], '.3f')});"
+              f" RM on its labels {f(c['rm_test_accuracy'], '.3f')} (Bayes "
+              f"{f(c['bayes_accuracy'], '.3f')}); PPO gold {f(c['gold'], '.3f')}")
 
 
 if __name__ == "__main__":

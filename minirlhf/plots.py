@@ -106,7 +106,9 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
                 ax.annotate(f"β={c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
                             color="tab:orange", xytext=(2, 3), textcoords="offset points")
     styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
-              "DPO": ("tab:green", "^")}
+              "DPO": ("tab:green", "^"), "PPO gold": ("tab:cyan", "*"), "RFT": ("tab:olive", "D"),
+              "GRPO": ("tab:brown", "v"), "GRPO RM": ("tab:pink", "v"),
+              "RLAIF": ("tab:gray", "P")}
     seen = set()
     for p in points:
         color, marker = styles.get(p["method"], ("gray", "."))

@@ -142,16 +142,19 @@ def group_normalized_advantages(R: torch.Tensor, group_size: int, use_std: bool 
 # whole response; the KL is a sum over its tokens. Two ways to hand this to the advantage
 # estimator follow: per token (for GAE), or as one reward per response (γ = 0, ch. 7).
 
-def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token KL sample log π_θ(y_t) − log π_ref(y_t) (k1, below) on response tokens, else 0.
+def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+             estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL sample on response tokens, else 0: log π_θ(y_t) − log π_ref(y_t) (k1, below),
+    or the k3 estimate (`estimator="k3"`, as GRPO's KL term).
 
     logp, ref_logp, mask: (B, T) -> (B, T). Its row sum is the response's KL estimate KL(y).
     """
-    return torch.where(mask.bool(), kl_k1(logp, ref_logp), 0.0)  # (B, T), lecture ch. 5
+    kl = KL_ESTIMATORS[estimator](logp, ref_logp)  # (B, T), lecture ch. 5
+    return torch.where(mask.bool(), kl, 0.0)
 
 
 def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-                         mask: torch.Tensor, beta: float) -> torch.Tensor:
+                         mask: torch.Tensor, beta: float, estimator: str = "k1") -> torch.Tensor:
     """Per-token rewards of the KL-penalised objective (lecture ch. 5; ch. 7 step 2).
 
     score:    (B,) r_φ(x, y), the reward model's score of each whole response
@@ -159,13 +162,14 @@ def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torc
     ref_logp: (B, T) log π_ref(y_t | x, y_<t) of the same tokens
     mask:     (B, T) 1 on response tokens
     beta:     β, the KL coefficient
+    estimator: the per-token KL sample, "k1" (the lecture's log-ratio) or "k3"
     returns   rewards (B, T): r_t = −β·(log π_θ(y_t) − log π_ref(y_t)) on every response token,
               plus r_φ(x, y) on the last one; 0 where masked.
 
     Summed over a response the rewards are r_φ(x, y) − β·KL(y): the objective's sample. Spread
     over tokens, GAE can credit each token with the KL it added.
     """
-    rewards = -beta * token_kl(logp, ref_logp, mask)  # (B, T) −β·KL_t on each token
+    rewards = -beta * token_kl(logp, ref_logp, mask, estimator)  # (B, T) −β·KL_t per token
     last = mask.long().cumsum(-1).argmax(-1)  # (B,) column of the last response token
     rewards[torch.arange(len(last)), last] += score  # r_φ arrives at the end, lecture ch. 7
     return rewards
@@ -229,6 +233,29 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """
     log_ratio = ref_logp - logp  # log π_ref/π
     return torch.expm1(log_ratio) - log_ratio
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+            estimator: str = "k3") -> torch.Tensor:
+    """The KL to the reference as a loss term instead of a reward, as GRPO has it (Shao et al.
+    2024, DeepSeekMath, eq. 3-4): the token mean of the k3 estimate
+        D_KL = π_ref/π_θ − log(π_ref/π_θ) − 1
+    over the response tokens, to be added to the loss as β·D_KL.
+
+    logp:     (B, T) log π_θ of the sampled tokens, with gradient
+    ref_logp: (B, T) log π_ref of the same tokens (no gradient)
+    mask:     (B, T) 1 on response tokens
+    returns   scalar. With k3 its gradient per token is (1 − π_ref/π_θ)·∇log π_θ: zero where
+              π_θ = π_ref, pulling log π_θ down where it exceeds log π_ref and up where it is
+              below. With k1 (log π_θ − log π_ref) the gradient is ∇log π_θ alone, whose
+              expectation under π_θ is 0: k1 as a loss term does not pull toward π_ref.
+    """
+    kl = KL_ESTIMATORS[estimator](logp, ref_logp)  # (B, T)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------- KL controllers

@@ -108,12 +108,13 @@ def test_kl_optimum_with_a_reward_model_tilts_the_same_samples_by_its_scores():
                        per_sample=True)["golds"]
     assert golds.std() > 0  # the random policy writes responses of different worth
     feed = iter([torch.tensor(golds / W.BT_TEMPERATURE)])
-    mirrored = E.kl_optimum(policy, tok, prompts, betas, reward=lambda t, m, e: next(feed), **kw)
+    mirrored = E.kl_optimum(policy, tok, prompts, betas, reward=lambda t, m, e, *_: next(feed),
+                            **kw)
     for a, b in zip(plain, mirrored):
         assert {k: a[k] for k in ("beta", "gold", "accuracy", "kl")} == {k: b[k] for k in a}
         assert b["reward_model"] == {k: a[k] for k in ("gold", "accuracy", "kl")}
     flat = E.kl_optimum(policy, tok, prompts, betas,
-                        reward=lambda t, m, e: torch.zeros(len(t)), **kw)
+                        reward=lambda t, m, e, *_: torch.zeros(len(t)), **kw)
     for p in flat:
         assert p["reward_model"]["gold"] == pytest.approx(golds.mean())
         assert p["reward_model"]["kl"] == pytest.approx(0.0, abs=1e-12)

@@ -11,9 +11,10 @@ from hypothesis import assume, given, strategies as st
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy
 from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advantages,
                          discounted_returns, discounted_returns_reference, gae, gae_reference,
-                         group_baseline_advantages, group_normalized_advantages, kl_k1, kl_k2, kl_k3, kl_penalised_return,
-                         kl_penalised_rewards, token_kl)
-from train_ppo import entropy_bonus, explained_variance, policy_loss, ppo_loss, value_loss
+                         group_baseline_advantages, group_normalized_advantages, kl_k1, kl_k2,
+                         kl_k3, kl_loss, kl_penalised_return, kl_penalised_rewards, token_kl)
+from train_ppo import (entropy_bonus, explained_variance, grpo_loss, policy_loss, ppo_loss,
+                       value_loss)
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -382,15 +383,21 @@ def test_bandit_advantage_is_reward_minus_value_of_the_prompt():
     assert torch.equal(A0, score) and torch.equal(R0, score)
 
 
-@given(seed=seeds, beta=st.floats(0, 1), advantage=st.sampled_from(["gae", "bandit", "group"]))
-def test_compute_advantages_calls_the_lecture_steps(seed, beta, advantage):
+@given(seed=seeds, beta=st.floats(0, 1),
+       advantage=st.sampled_from(["gae", "bandit", "group", "grpo"]),
+       kl_in=st.sampled_from(["reward", "loss"]), group_std=st.booleans())
+def test_compute_advantages_calls_the_lecture_steps(seed, beta, advantage, kl_in, group_std):
     """train_ppo.compute_advantages is the lecture's step 3 and nothing more: GAE on
     `kl_penalised_rewards` (gae), A = R − V(x) from `bandit_advantages` on every response token
     with V(x) regressed onto R at the prompt (bandit), or the leave-one-out baseline on
-    R = r_φ − β·KL (group, no value target); whitened over the rollout's real tokens."""
+    R = r_φ − β·KL (group, no value target); whitened over the rollout's real tokens. GRPO:
+    `group_normalized_advantages` of R − β·KL (--kl-in reward) or of R alone (--kl-in loss: the
+    KL is grpo_loss's term), not whitened again."""
     import types
     from minirlhf.distributed import Dist
     from train_ppo import PPOConfig, Rollout, compute_advantages
+    if kl_in == "loss" and advantage in ("gae", "bandit"):
+        kl_in = "reward"  # --kl-in loss needs a critic-free advantage
     k, P = 2, 2  # samples per prompt; prompt length: responses start at column P − 1 of (B, T-1)
     score, logp, ref_logp, _ = scored_rollout(seed, B=4, T=7)
     g = torch.Generator().manual_seed(seed + 2)
@@ -400,9 +407,11 @@ def test_compute_advantages_calls_the_lecture_steps(seed, beta, advantage):
     values = torch.randn(4, 7, generator=g, dtype=torch.float64)
     kl = token_kl(logp, ref_logp, mask)
     ro = Rollout(["x"] * 4, types.SimpleNamespace(prompt_len=P), mask, logp, ref_logp, values,
-                 kl, score, score, {})
-    cfg = PPOConfig(advantage=advantage, samples_per_prompt=k, gamma=1.0, lam=0.9)
+                 kl, score, score, {}, [""] * 4)
+    cfg = PPOConfig(advantage=advantage, samples_per_prompt=k, gamma=1.0, lam=0.9, kl_in=kl_in,
+                    group_std=group_std or advantage != "grpo")
     adv, returns, value_mask = compute_advantages(ro, beta, cfg, Dist(0, 1, torch.device("cpu")))
+    b_r = beta if kl_in == "reward" else 0.0  # the β of the reward
     if advantage == "gae":
         raw, want_returns = gae(kl_penalised_rewards(score, logp, ref_logp, mask, beta), values,
                                 mask, 1.0, 0.9)
@@ -410,8 +419,11 @@ def test_compute_advantages_calls_the_lecture_steps(seed, beta, advantage):
     else:
         if advantage == "bandit":
             A, R = bandit_advantages(score, kl, values[:, P - 1], beta)
+        elif advantage == "group":
+            A, R = group_baseline_advantages(kl_penalised_return(score, kl, b_r), k), None
         else:
-            A, R = group_baseline_advantages(kl_penalised_return(score, kl, beta), k), None
+            A = group_normalized_advantages(kl_penalised_return(score, kl, b_r), k, group_std)
+            R = None
         raw = torch.where(mask, A[:, None].expand_as(logp), 0.0)
         want_returns = torch.zeros_like(values)
         want_value_mask = torch.zeros_like(mask)
@@ -419,7 +431,8 @@ def test_compute_advantages_calls_the_lecture_steps(seed, beta, advantage):
             want_returns[:, P - 1], want_value_mask[:, P - 1] = R, True
         assert torch.equal(value_mask, want_value_mask)
     torch.testing.assert_close(returns, want_returns)
-    torch.testing.assert_close(adv, masked_whiten(raw, mask))
+    want = raw if advantage == "grpo" else masked_whiten(raw, mask)
+    torch.testing.assert_close(adv, want)
 
 
 @given(seed=seeds, gamma=st.floats(0, 1), lam=st.floats(0, 1), span=st.booleans())
@@ -581,6 +594,61 @@ def test_k3_value_and_gradient_match_a_float64_reference(logp, d):
     ratio = math.exp(d)
     assert math.isclose(k3.item(), ratio - 1 - d, rel_tol=1e-5, abs_tol=1e-5)
     assert math.isclose(lp.grad.item(), 1 - ratio, rel_tol=1e-5, abs_tol=1e-5)
+
+
+@given(seed=seeds, beta=st.floats(0, 2), ent_coef=st.floats(0, 0.1))
+def test_grpo_loss_is_the_clipped_surrogate_plus_beta_times_the_k3_term(seed, beta, ent_coef):
+    """grpo_loss = −L^CLIP + β·mean_t k3 − c2·H over response tokens, and the gradient of its
+    KL term with respect to each log π_θ(y_t) is β·(1 − π_ref/π_θ)/n (n response tokens),
+    against a float64 hand computation."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 5
+    logp = (-3 * torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_(True)
+    old = logp.detach() + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logp.detach() + torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    ent = torch.rand(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[0, 0] = True
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, ent, beta, 0.2, ent_coef)
+    pg, _ = policy_loss(logp, old, adv, mask, 0.2)
+    n = int(mask.sum())
+    m = mask.double()
+    k3 = ((ref - logp).exp() - 1 - (ref - logp)).detach()
+    want = pg + beta * (k3 * m).sum() / n - ent_coef * (ent * m).sum() / n
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(stats["kl_loss"], (k3 * m).sum() / n)
+    lp = logp.detach().clone().requires_grad_(True)
+    (beta * kl_loss(lp, ref, mask)).backward()
+    want_grad = torch.where(mask, beta * (1 - (ref - lp.detach()).exp()) / n, 0.0)
+    torch.testing.assert_close(lp.grad, want_grad)
+
+
+def test_kl_loss_is_zero_with_zero_gradient_at_the_reference():
+    """At π_θ = π_ref the k3 term is 0 and pulls nowhere; away from it, it is positive."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    loss = kl_loss(logp, logp.detach(), mask)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logp.grad, torch.zeros_like(logp))
+    assert kl_loss(logp, logp.detach() + 0.3, mask).item() > 0
+
+
+@given(seed=seeds)
+def test_grpo_loss_without_beta_is_ppos_surrogate_without_a_critic(seed):
+    """With β = 0 (the KL in the reward) and no value model, grpo_loss is L_PPO with L^VF = 0:
+    RLOO trains through the same clipped surrogate as PPO."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(4, 6, generator=g)
+    old = logp + 0.2 * torch.randn(4, 6, generator=g)
+    adv = torch.randn(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) < 0.8
+    mask[0, 0] = True
+    zeros = torch.zeros_like(logp)
+    loss, _ = grpo_loss(logp, old, logp - 1, adv, mask, None, 0.0)
+    want, _ = ppo_loss(logp, old, adv, zeros, zeros, zeros, mask,
+                       value_mask=torch.zeros_like(mask))
+    torch.testing.assert_close(loss, want)
 
 
 def test_k1_and_k3_are_unbiased():

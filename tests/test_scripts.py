@@ -277,6 +277,55 @@ def test_ppo_runs_each_advantage_mode(tmp_path, sft_dir, rm_dir, advantage):
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), ref.parameters()))
 
 
+@pytest.mark.parametrize("reward,advantage", [("verifier", "gae"), ("gold", "gae"),
+                                               ("verifier", "grpo"), ("rm", "grpo")])
+def test_ppo_from_a_grader_and_grpo(tmp_path, sft_dir, rm_dir, reward, advantage, capsys):
+    """--reward verifier|gold loads no reward model (--rm points nowhere) and starts the value
+    model from the SFT trunk; --advantage grpo trains no value model (none in the checkpoint)
+    and logs its k3 KL loss term. The logged reward of each rollout is the grader's own: the
+    verifier's is the rollout's accuracy, gold's is gold / T."""
+    out = str(tmp_path / f"{reward}_{advantage}")
+    cfg = train_ppo.PPOConfig(out=out, sft=sft_dir, advantage=advantage, reward=reward,
+                              rm=rm_dir if reward == "rm" else str(tmp_path / "none"), **PPO)
+    res = train_ppo.train(cfg)
+    rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"]
+    assert len(rows) == 4
+    for r in rows:
+        if reward == "verifier":  # R = 1{right} (the no-end penalty is added after it)
+            assert r["proxy"] == pytest.approx(r["accuracy"], abs=1e-6)
+        if reward == "gold":
+            assert r["proxy"] == pytest.approx(r["gold"] / 0.25, abs=1e-5)
+        if advantage == "grpo":
+            assert r["kl_loss"] >= 0 and "value_loss" not in r
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ("value_model" in ck["extra"]) == (advantage != "grpo")
+    assert ck["config"]["reward"] == reward and "test_proxy" in res
+    assert f"| {reward} " in capsys.readouterr().out
+
+
+def test_ppo_with_your_own_verifier_function(tmp_path, sft_dir, monkeypatch):
+    """--reward verifier --verifier file.py:fn on prompts of your own: the function (prompt,
+    response) -> number is the reward, logged as the rollouts' mean and written to
+    samples.jsonl; a function that returns NaN stops the run with one line naming the prompt."""
+    (tmp_path / "checks.py").write_text(
+        "def length_reward(prompt, response):\n    return len(response) / 100\n"
+        "def broken(prompt, response):\n    return float('nan')\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say a word number {i}."}) + "\n"
+                               for i in range(40)))
+    out = str(tmp_path / "own")
+    cfg = train_ppo.PPOConfig(out=out, sft=sft_dir, reward="verifier", prompts=str(prompts),
+                              verifier=f"{tmp_path / 'checks.py'}:length_reward", **PPO)
+    train_ppo.train(cfg)
+    samples = [json.loads(l) for l in open(os.path.join(out, "samples.jsonl"))]
+    assert samples and all(r["reward"] == pytest.approx(len(r["response"]) / 100, abs=1e-6)
+                           for r in samples)
+    bad = dataclasses.replace(cfg, out=str(tmp_path / "bad"),
+                              verifier=f"{tmp_path / 'checks.py'}:broken")
+    with pytest.raises(ValueError, match="returned nan for prompt 'Say a word"):
+        train_ppo.train(bad)
+
+
 def test_ppo_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir):
     """PPO interrupted after the checkpoint at iteration 2 resumes (policy, value model, optimisers,
     KL controller) to the same final policy as an uninterrupted run."""
