@@ -5,6 +5,8 @@
     python train_rm.py --data my_prefs.jsonl        # train on your own preference JSONL
     python train_rm.py --resume                     # continue a stopped run
     python train_rm.py --noise-free-labels          # built-in world: labels without the coin flip
+    python train_rm.py --data out/rm/prefs.jsonl --labeller ai:out/judge --out out/rm_ai
+                                                    # RLAIF: a judge model labels the pairs (ch. 8)
     torchrun --standalone --nproc_per_node 4 train_rm.py --make-pairs   # 4 GPUs
 
 Stage two of the pipeline (lecture ch. 7). Preference data is made the lecture's way: for each
@@ -23,6 +25,14 @@ calibration table (also drawn as OUT/calibration.png).
 `--noise-free-labels` (built-in world only) trains on the labeller's probability P(y_w ≻ y_l)
 instead of its coin flip: the same loss averaged over the label's noise (`reward_loss` with
 p_chosen). It measures what the noise costs (docs/results.md, "Reward model").
+
+`--labeller ai:DIR` is RLAIF (lecture ch. 8: "AI preferences — scalable, cheap; limited by judge
+model quality"): a judge, the reward model in DIR (say one trained on a few thousand human
+labels), relabels the training and validation pairs, drawing each label from its own
+σ(r_a − r_b) (`judge_labels`; the higher reward with --judge-greedy). The test pairs keep their
+human labels, so the reward model trained on the judge's labels faces the same Bayes limit.
+Writes OUT/prefs_ai.jsonl and prefs_val_ai.jsonl, the relabelled pairs, and how often the judge
+agreed with the given labels, next to how often two human labellers agree, in eval.json.
 
 Left out on purpose: ensembles, margin losses, more than two responses per comparison.
 """
