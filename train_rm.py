@@ -5,6 +5,8 @@
     python train_rm.py --data my_prefs.jsonl        # train on your own preference JSONL
     python train_rm.py --resume                     # continue a stopped run
     python train_rm.py --noise-free-labels          # built-in world: labels without the coin flip
+    python train_rm.py --data out/rm/prefs.jsonl --labeller ai:out/judge --out out/rm_ai
+                                                    # RLAIF: a judge model labels the pairs (ch. 8)
     torchrun --standalone --nproc_per_node 4 train_rm.py --make-pairs   # 4 GPUs
 
 Stage two of the pipeline (lecture ch. 7). Preference data is made the lecture's way: for each
@@ -24,13 +26,21 @@ calibration table (also drawn as OUT/calibration.png).
 instead of its coin flip: the same loss averaged over the label's noise (`reward_loss` with
 p_chosen). It measures what the noise costs (docs/results.md, "Reward model").
 
+`--labeller ai:DIR` is RLAIF (lecture ch. 8: "AI preferences — scalable, cheap; limited by judge
+model quality"): a judge, the reward model in DIR (say one trained on a few thousand human
+labels), relabels the training and validation pairs, drawing each label from its own
+σ(r_a − r_b) (`judge_labels`; the higher reward with --judge-greedy). The test pairs keep their
+human labels, so the reward model trained on the judge's labels faces the same Bayes limit.
+Writes OUT/prefs_ai.jsonl and prefs_val_ai.jsonl, the relabelled pairs, and how often the judge
+agreed with the given labels, next to how often two human labellers agree, in eval.json.
+
 Left out on purpose: ensembles, margin losses, more than two responses per comparison.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -52,9 +62,9 @@ from minirlhf.tokenizer import TokenizerError
 from minirlhf.training import (NonFiniteError, checkpoint_to_resume, clear_run, distinct_rows,
                                due, fail, guarded_run, lr_at, make_optimizer, open_log,
                                optimizer_step, pad_batch, pair_batches_from, progress_bar,
-                               resume_state, save_run, set_lr, start_run, write_json)
-from minirlhf.world import (World, bayes_accuracy, expected_accuracy, label_pair,
-                            pair_label_prob, shortfall_by_kind)
+                               resume_state, save_run, set_lr, shown, start_run, write_json)
+from minirlhf.world import (World, bayes_accuracy, expected_accuracy, is_world_prompt,
+                            label_pair, pair_label_prob, shortfall_by_kind)
 
 
 def preference_probability(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
@@ -101,6 +111,28 @@ def reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     return loss, stats
 
 
+def judge_labels(r_a: torch.Tensor, r_b: torch.Tensor, rng: np.random.Generator,
+                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLAIF (lecture ch. 8, "AI preferences — scalable, cheap; limited by judge model quality"):
+    a judge model labels pairs (a, b) the way the Bradley–Terry labeller does, from its own
+    rewards: a is chosen with probability P(a ≻ b) = σ(r_a − r_b), one uniform draw of `rng` per
+    pair; greedy: a is chosen when r_a ≥ r_b (a tie keeps the pair's order), no draw.
+
+    r_a, r_b: (N,) the judge's rewards of a and b
+    returns   a_chosen (N,) bool, and p (N,) float64: the judge's P(a ≻ b), 1 or 0 when greedy
+    """
+    if r_a.shape != r_b.shape or r_a.dim() != 1:
+        raise ValueError(f"r_a and r_b must be (N,) alike, not {tuple(r_a.shape)} and "
+                         f"{tuple(r_b.shape)}")
+    r_a, r_b = r_a.detach().cpu().double(), r_b.detach().cpu().double()
+    if greedy:
+        a_chosen = r_a >= r_b
+        return a_chosen, a_chosen.double()
+    p = preference_probability(r_a, r_b)  # σ(r_a − r_b), lecture ch. 6
+    u = torch.from_numpy(rng.random(len(p)))  # (N,) uniform in [0, 1)
+    return u < p, p
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +177,11 @@ class RMConfig:
                                       # validation pairs' prompts
     eval_samples: int = 16            # samples per evaluation prompt (plus one greedy)
     noise_free_labels: bool = False   # built-in world: the labeller's P(y_w ≻ y_l) as target
+    labeller: str = "human"           # who labels the training and validation pairs: human (the
+                                      # pairs' own labels) or ai:DIR, the reward-model stage in DIR
+                                      # as judge (RLAIF, lecture ch. 8); test pairs keep theirs
+    judge_greedy: bool = False        # with --labeller ai:DIR: the judge takes the higher score
+                                      # instead of drawing from σ(r_a − r_b)
 
     def check(self):
         check_ranges(self, positive=("n_pairs", "n_val_pairs", "n_test_pairs", "max_steps",
@@ -157,6 +194,38 @@ class RMConfig:
             raise ValueError("--responses-per-prompt must be at least 2")
         if self.pairs_only and not self.make_pairs:
             raise ValueError("--pairs-only needs --make-pairs")
+        self.check_labeller()
+
+    def check_labeller(self):
+        """--labeller is human or ai:DIR, and an ai labeller goes with nothing that needs the
+        human labeller (--noise-free-labels) or skips training (--pairs-only)."""
+        if self.labeller == "ai:":
+            raise ValueError("--labeller ai: names no folder: ai:DIR, DIR a reward-model stage")
+        if self.labeller != "human" and self.judge_dir() is None:
+            raise ValueError(f"--labeller {shown(self.labeller)}: human, or ai:DIR with DIR a "
+                             f"reward-model stage folder")
+        if self.judge_greedy and self.judge_dir() is None:
+            raise ValueError("--judge-greedy needs --labeller ai:DIR")
+        if self.judge_dir() is not None and self.noise_free_labels:
+            raise ValueError("--noise-free-labels trains on the human labeller's probability; "
+                             "it does not go with --labeller ai:DIR")
+        if self.judge_dir() is not None and self.pairs_only:
+            raise ValueError("--labeller ai:DIR relabels the pairs a run trains on; --pairs-only "
+                             "trains on none")
+        judge = self.judge_dir()
+        folder = os.path.dirname(judge) if judge and os.path.isfile(judge) else judge
+        if folder is not None and os.path.realpath(folder or ".") == os.path.realpath(self.out):
+            raise ValueError(f"--labeller {shown(self.labeller)}: the judge is in --out, which "
+                             f"this run writes: copy it elsewhere or pick another --out")
+
+    def judge_dir(self) -> str | None:
+        """DIR of --labeller ai:DIR (the judge's stage folder); None for human labels."""
+        return (self.labeller[3:] or None) if self.labeller.startswith("ai:") else None
+
+    def inner_paths(self) -> dict:
+        """Paths inside other flags' values, for `training.check_paths`: --labeller ai:DIR's
+        judge, a stage folder."""
+        return {"labeller": (self.judge_dir(), "stage")} if self.judge_dir() else {}
 
     def unused_paths(self):
         """The path flags this run never reads (`training.check_paths` skips them): --sft when
@@ -182,8 +251,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     # --- the reward model: the SFT trunk + a fresh scalar head (lecture ch. 6), or resumed ---
     ck = checkpoint_to_resume(cfg)  # OUT/checkpoint.pt with --resume, else None
     rm, tok = load_reward_model(cfg, ck, device)
-    train_pairs, p_chosen, val_pairs, test_rows, prompts = load_pairs(cfg, tok,
-                                                                       rm.config.block_size)
+    train_pairs, p_chosen, val_pairs, test_rows, prompts, labels = load_pairs(
+        cfg, tok, rm.config.block_size, device)  # with --labeller ai:DIR: the judge's labels
     print(f"reward model: {rm.num_params() / 1e6:.2f}M parameters; {len(train_pairs)} training "
           f"pairs, {len(val_pairs)} validation pairs", flush=True)
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
@@ -192,6 +261,7 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     if ck is not None:
         best, bad_evals = ck["extra"]["best_val_loss"], ck["extra"]["bad_evals"]
     log = open_log(cfg, start, dist)  # OUT/metrics.jsonl (and config.json)
+    write_labels(cfg, labels, dist)  # the judge's pairs: OUT/prefs_ai.jsonl, prefs_val_ai.jsonl
     step = start or 0
     batches = pair_batches_from(step, train_pairs, cfg.seed, cfg.batch_size, dist)
     train_score = wrap(rm, dist, "score")  # under torchrun DDP: backward averages gradients
@@ -229,7 +299,8 @@ def train(cfg: RMConfig, prog: str = "train_rm.py") -> dict:
     save_run(cfg, step, rm, optimizer, tok, "scalar", extra)
     result.update({"train_seconds": time.time() - t0, "steps": step,
                    "stopped_early": stopped_early, "reward_shift": shift,
-                   "centred_on": centre, "n_train_pairs": len(train_pairs)})
+                   "centred_on": centre, "n_train_pairs": len(train_pairs),
+                   "labels": labels.info})
     result.update(score_policy_samples(cfg, rm, policy, prompts, tok, device))
     if test_rows:  # test accuracy next to the Bayes limit, and calibration
         result.update(test_report(cfg, rm, test_rows, tok, device))
@@ -331,11 +402,13 @@ def load_reward_model(cfg: RMConfig, ck: dict | None, device) -> tuple[ScalarHea
     return model_from_checkpoint(ck, path, "scalar").to(device), tok
 
 
-def load_pairs(cfg: RMConfig, tok, block_size: int):
-    """(training pairs, p_chosen, validation pairs, test rows, prompts). Pairs are (chosen ids,
-    rejected ids); p_chosen is each training pair's P(chosen ≻ rejected) with
+def load_pairs(cfg: RMConfig, tok, block_size: int, device):
+    """(training pairs, p_chosen, validation pairs, test rows, prompts, labels). Pairs are
+    (chosen ids, rejected ids); p_chosen is each training pair's P(chosen ≻ rejected) with
     --noise-free-labels, else None; without validation pairs, the pairs of 5% of the prompts are
-    held out (`hold_out`); test rows may be None; prompts = {"train": [...], "val": [...]}."""
+    held out (`hold_out`); test rows may be None; prompts = {"train": [...], "val": [...]};
+    labels: who labelled the training and validation pairs (`Labels`): the file's labels, or
+    with --labeller ai:DIR the judge's, drawn after the hold-out (`ai_labels`)."""
     train_path = cfg.data or os.path.join(cfg.out, "prefs.jsonl")
     if not os.path.exists(train_path):
         raise DataError(train_path, "no preference data: run with --make-pairs or pass --data")
@@ -344,12 +417,16 @@ def load_pairs(cfg: RMConfig, tok, block_size: int):
     val_rows = read_pairs(val_path, tok, block_size)
     if not val_rows:
         train_rows, val_rows = hold_out(train_rows, cfg.seed)
+    labels = Labels({"labeller": "human"})
+    if cfg.judge_dir() is not None:  # RLAIF: the judge's labels replace the file's (ch. 8)
+        train_rows, val_rows, labels = ai_labels(cfg, tok, block_size, train_rows, val_rows,
+                                                 device)
     p_chosen = label_probabilities(train_rows, train_path) if cfg.noise_free_labels else None
     test_path = cfg.test_data or os.path.join(cfg.out, "prefs_test.jsonl")
-    test_rows = read_pairs(test_path, tok, block_size)
+    test_rows = read_pairs(test_path, tok, block_size)  # never relabelled: the human yardstick
     prompts = {"train": [r["prompt"] for r in train_rows], "val": [r["prompt"] for r in val_rows]}
     return (encode_pairs(train_rows, tok), p_chosen, encode_pairs(val_rows, tok), test_rows,
-            prompts)
+            prompts, labels)
 
 
 def read_pairs(path, tok, block_size):
@@ -359,6 +436,122 @@ def read_pairs(path, tok, block_size):
 def encode_pairs(rows, tok) -> list[tuple[list[int], list[int]]]:
     return [(tok.render(r["prompt"], r["chosen"])[0], tok.render(r["prompt"], r["rejected"])[0])
             for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# RLAIF (lecture ch. 8): a judge model, a reward model trained on a few human labels, labels
+# the pairs instead of people. "AI preferences — scalable, cheap; limited by judge model
+# quality": the labels' agreement with the human labeller's says how limited.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Labels:
+    """Who labelled the training and validation pairs: `info` for eval.json's "labels", and the
+    pairs a judge relabelled, by file name (OUT/prefs_ai.jsonl, prefs_val_ai.jsonl; none for
+    human labels), which `write_labels` writes once the run writes in OUT."""
+    info: dict
+    files: dict = field(default_factory=dict)  # file name -> [{"prompt", "chosen", "rejected"}]
+
+
+def ai_labels(cfg: RMConfig, tok, block_size: int, train_rows, val_rows,
+              device) -> tuple[list, list, Labels]:
+    """--labeller ai:DIR: the judge relabels the training and the validation pairs (after
+    the hold-out, so each split's labels are drawn from its own pairs), each split with its own
+    rng stream of --seed, so --resume draws the same labels. The test pairs keep their labels:
+    the reward model trained on the judge's is measured against the human labeller's.
+    Returns (training rows, validation rows, Labels)."""
+    judge = load_judge(cfg, tok, block_size, device)
+    train_rows, stats = relabel_with_judge(judge, tok, train_rows, device, [cfg.seed, 8],
+                                           cfg.judge_greedy)
+    val_rows, val_stats = relabel_with_judge(judge, tok, val_rows, device, [cfg.seed, 9],
+                                             cfg.judge_greedy)
+    human = (f" (expected {stats['expected_agreement']:.3f}; two human labellers agree "
+             f"{stats['human_agreement']:.3f} on the same pairs)"
+             if "human_agreement" in stats else "")
+    print(f"labels: ai judge {cfg.judge_dir()}{' (greedy)' if cfg.judge_greedy else ''}: "
+          f"agreement with the given labels {stats['agreement']:.3f}{human} on "
+          f"{stats['n_pairs']} pairs", flush=True)
+    info = {"labeller": cfg.labeller, "greedy": cfg.judge_greedy, **stats,
+            "n_val_pairs": val_stats["n_pairs"], "val_agreement": val_stats["agreement"]}
+    return train_rows, val_rows, Labels(info, {"prefs_ai.jsonl": train_rows,
+                                               "prefs_val_ai.jsonl": val_rows})
+
+
+def load_judge(cfg: RMConfig, tok, block_size: int, device) -> ScalarHeadModel:
+    """The judge of --labeller ai:DIR, in eval mode: a reward-model stage on the SFT model's
+    tokenizer that reads sequences as long as the reward model does; else one CheckpointError
+    naming the flag."""
+    flag = f"--labeller {shown(cfg.labeller)}"
+    try:
+        with torch.random.fork_rng(devices=[]):  # building it draws no number the run saves
+            judge, judge_tok, _ = load_stage(cfg.judge_dir(), "scalar", device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag}: {e}") from None
+    if judge_tok.fingerprint() != tok.fingerprint():
+        raise CheckpointError(f"{flag}: the judge uses another tokenizer than SFT")
+    if judge.config.block_size < block_size:
+        raise CheckpointError(f"{flag}: the judge reads at most {judge.config.block_size} "
+                              f"tokens, the reward model {block_size}")
+    return judge.eval()
+
+
+def relabel_with_judge(judge, tok, rows: list[dict], device, seed, greedy: bool = False,
+                       batch_size: int = 256) -> tuple[list[dict], dict]:
+    """Rows {"prompt", "chosen", "rejected"} labelled by the judge: for each pair (a, b) =
+    (chosen, rejected) as given, its rewards r_a, r_b and a label from `judge_labels`, with
+    np.random.default_rng(seed). The new rows hold the same prompt and the same two texts.
+    judge: anything with `.score(tokens (N, T), attn_mask (N, T)) -> (N,)`.
+    Returns (new rows, `label_agreement`'s stats)."""
+    r_a, r_b = judge_scores(judge, encode_pairs(rows, tok), tok, device, batch_size)
+    bad = (~torch.isfinite(r_a) | ~torch.isfinite(r_b)).nonzero()
+    if len(bad):
+        i = bad[0].item()
+        raise NonFiniteError(f"the judge's rewards of pair {i + 1} are {r_a[i].item()} and "
+                             f"{r_b[i].item()}: it cannot label")
+    a_chosen, p_judge = judge_labels(r_a, r_b, np.random.default_rng(seed), greedy)
+    new_rows = [{"prompt": r["prompt"], "chosen": r["chosen"] if a else r["rejected"],
+                 "rejected": r["rejected"] if a else r["chosen"]}
+                for r, a in zip(rows, a_chosen.tolist())]
+    return new_rows, label_agreement(rows, a_chosen, p_judge)
+
+
+@torch.no_grad()
+def judge_scores(judge, pairs, tok, device, batch_size: int = 256):
+    """(r_a (N,), r_b (N,)) on the CPU: the judge's rewards of each pair's two responses, scored
+    as training scores pairs (`score_pairs`: each distinct sequence of a batch once)."""
+    r_a, r_b = [], []
+    for i in tqdm(range(0, len(pairs), batch_size), desc="judge", leave=False, disable=None):
+        a, b = score_pairs(judge.score, pairs[i:i + batch_size], tok, device)
+        r_a.append(a.cpu())
+        r_b.append(b.cpu())
+    return torch.cat(r_a), torch.cat(r_b)
+
+
+def label_agreement(rows: list[dict], a_chosen: torch.Tensor, p_judge: torch.Tensor) -> dict:
+    """How a judge's labels compare with the rows' own. a_chosen (N,) bool: the judge chose the
+    row's "chosen"; p_judge (N,): its P(chosen ≻ rejected) (0 or 1 when greedy).
+    {"n_pairs", "agreement": the fraction of rows whose label the judge kept}, and on the
+    built-in world's prompts, with p_h the human labeller's P(chosen ≻ rejected):
+    "expected_agreement" = mean p_j·p_h + (1 − p_j)(1 − p_h), what agreement averages to when the
+    rows' labels are the human labeller's draws (--make-pairs), and "human_agreement" = mean
+    p_h² + (1 − p_h)², how often two human labellers agree on the same pairs: the mark to
+    compare the judge with."""
+    stats = {"n_pairs": len(rows), "agreement": a_chosen.double().mean().item()}
+    if rows and all(is_world_prompt(r["prompt"]) for r in rows):
+        p_h = torch.tensor([pair_label_prob((r["prompt"], r["chosen"], r["rejected"]))
+                            for r in rows], dtype=torch.float64)
+        p_j = p_judge.double()
+        stats["expected_agreement"] = (p_j * p_h + (1 - p_j) * (1 - p_h)).mean().item()
+        stats["human_agreement"] = (p_h ** 2 + (1 - p_h) ** 2).mean().item()
+    return stats
+
+
+def write_labels(cfg: RMConfig, labels: Labels, dist) -> None:
+    """The pairs a judge relabelled, in OUT (rank 0), for a look or another use (DPO on AI
+    labels: train_dpo.py --data OUT/prefs_ai.jsonl --val-data OUT/prefs_val_ai.jsonl)."""
+    if dist.is_main:
+        for name, rows in labels.files.items():
+            write_jsonl(os.path.join(cfg.out, name), rows)
 
 
 def label_probabilities(rows, path) -> torch.Tensor:

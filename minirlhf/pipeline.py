@@ -61,7 +61,7 @@ from .report import draw_all
 from .checkpoint import CHECKPOINT, check_stage, load_checkpoint, load_stage
 from .device import autocast, resolve_device, set_precision
 from .errors import CheckpointError, DataError, NonFiniteError, TokenizerError
-from .training import RUN_FILES, USED_IF, fail, run_files, write_json
+from .training import PAIRS, RUN_FILES, USED_IF, fail, run_files, write_json
 from .evaluate import kl_optimum
 from .world import World
 from .world import stats as world_stats
@@ -251,9 +251,9 @@ def reads(name: str, cfgs: dict) -> tuple[str, ...]:
 # --resume: what each stage's folder holds, and so what to do with it
 # ----------------------------------------------------------------------------------------------
 
-PAIRS = ("prefs.jsonl", "prefs_val.jsonl", "prefs_test.jsonl")  # train_rm.py make_pairs_main
-# writes them in this order, each atomically (data.write_jsonl), with exactly the number of rows
-# its flags ask for: complete pairs are three files of those lengths.
+# train_rm.py make_pairs_main writes PAIRS (minirlhf/training.py) in this order, each atomically
+# (data.write_jsonl), with exactly the number of rows its flags ask for: complete pairs are three
+# files of those lengths.
 PAIR_COUNTS = dict(zip(PAIRS, ("n_pairs", "n_val_pairs", "n_test_pairs")))
 # Fields the pipeline sets per run, or from --out: a run moved to another folder still resumes.
 NOT_COMPARED = {"resume", "overwrite", "verbose", "make_pairs", "pairs_only", "out", "sft", "rm",

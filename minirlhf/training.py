@@ -243,10 +243,12 @@ def seed_everything(seed: int) -> None:
 
 # An --out holding one of these holds a run; --overwrite removes all of RUN_FILES before the new
 # run writes its own, so that no file of the old run is read as the new one's. (Preference pairs,
-# prefs*.jsonl, are inputs: train_rm.py --make-pairs rewrites them, otherwise they stay.)
+# PAIRS, are inputs: train_rm.py --make-pairs rewrites them, otherwise they stay. The pairs a
+# judge relabelled, prefs*_ai.jsonl, are the run's own: train_rm.py --labeller ai:DIR.)
 USED_IF = (CHECKPOINT, "metrics.jsonl")
 RUN_FILES = (CHECKPOINT, "best.pt", "metrics.jsonl", "eval.json", "samples.jsonl", "config.json",
-             "calibration.png")
+             "calibration.png", "prefs_ai.jsonl", "prefs_val_ai.jsonl")
+PAIRS = ("prefs.jsonl", "prefs_val.jsonl", "prefs_test.jsonl")  # train_rm.py --make-pairs
 
 
 def run_files(folder: str, names=USED_IF) -> list[str]:
@@ -290,13 +292,16 @@ HOLDS = {"stage": CHECKPOINT, "tokenizer": TOKENIZER}  # what a folder of that k
 def check_paths(cfg) -> None:
     """ValueError naming the first path flag (PATH_FLAGS) whose file or folder is not there.
     Defaults count (train_ppo.py's --sft out/sft); a config's `unused_paths()` names the flags
-    a run with its settings never reads."""
+    a run with its settings never reads, and its `inner_paths()` the paths inside other flags'
+    values, {flag: (path, kind)} (train_rm.py's --labeller ai:DIR)."""
     unused = cfg.unused_paths() if hasattr(cfg, "unused_paths") else ()
-    for name, kind in PATH_FLAGS.items():
-        value = getattr(cfg, name, None)
-        problem = None if value is None or name in unused else path_problem(value, kind)
+    inner = cfg.inner_paths() if hasattr(cfg, "inner_paths") else {}
+    paths = [(name, getattr(cfg, name, None), kind) for name, kind in PATH_FLAGS.items()
+             if name not in unused]
+    for name, value, kind in paths + [(name, *v) for name, v in inner.items()]:
+        problem = None if value is None else path_problem(value, kind)
         if problem:
-            raise ValueError(f"--{name.replace('_', '-')} {shown(value)}: {problem}")
+            raise ValueError(f"--{name.replace('_', '-')} {shown(getattr(cfg, name))}: {problem}")
 
 
 def path_problem(path: str, kind: str) -> str | None:
@@ -435,7 +440,7 @@ def release_out(out: str, failed: bool) -> None:
                           for name in PROGRESS):
             for entry in os.scandir(claim.out):
                 if (entry.name not in claim.before and entry.name != LOCK
-                        and not re.fullmatch(r"prefs.*\.jsonl", entry.name)
+                        and entry.name not in PAIRS
                         and entry.is_file(follow_symlinks=False)):
                     os.remove(entry.path)
         with contextlib.suppress(OSError):

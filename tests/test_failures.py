@@ -522,6 +522,41 @@ def test_defaults_count_and_unused_ones_do_not(tmp_path, monkeypatch, capsys, in
         training.check_paths(dataclasses.replace(rm, pairs_only=False))
 
 
+LABELLER_FLAGS = {  # case -> (flags, the message after "train_rm.py: error: ")
+    "robot": (["--labeller", "robot"],
+              "--labeller robot: human, or ai:DIR with DIR a reward-model stage folder"),
+    "ai: and no folder": (["--labeller", "ai:"],
+                          "--labeller ai: names no folder: ai:DIR, DIR a reward-model stage"),
+    "greedy without a judge": (["--judge-greedy"], "--judge-greedy needs --labeller ai:DIR"),
+    "a judge and noise-free labels": (["--labeller", "ai:{stage}", "--noise-free-labels"],
+                                      "--noise-free-labels trains on the human labeller's "
+                                      "probability; it does not go with --labeller ai:DIR"),
+    "a missing judge": (["--labeller", "ai:{missing}"],
+                        "--labeller ai:{missing}: no such file or folder"),
+    "a judge folder without its file": (["--labeller", "ai:{empty}"],
+                                        "--labeller ai:{empty}: no checkpoint.pt in this folder "
+                                        "(train that stage first)"),
+    "a judge in --out": (["--labeller", "ai:{out}"], "--labeller ai:{out}: the judge is in --out, "
+                         "which this run writes: copy it elsewhere or pick another --out"),
+}
+
+
+@pytest.mark.parametrize("case", LABELLER_FLAGS)
+def test_a_bad_labeller_is_refused_before_any_work(tmp_path, capsys, inputs, case):
+    """train_rm.py --labeller that is neither human nor ai:DIR, ai: without a folder,
+    --judge-greedy without a judge, a judge with --noise-free-labels (which trains on the human
+    labeller's probability), a judge folder that is not there or holds no checkpoint, and a
+    judge in the folder the run writes: one line naming the flag, exit 2, and OUT is not even
+    created."""
+    flags, message = LABELLER_FLAGS[case]
+    out = str(tmp_path / "out")
+    flags = [f.format(out=out, **inputs) for f in flags]
+    err = one_line(capsys, train_rm, base_flags("rm", inputs) + flags + ["--out", out],
+                   "train_rm.py", 2)
+    assert err == f"train_rm.py: error: {message.format(out=out, **inputs)}\n"
+    assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. What loads: non-finite weights, bad tokenizer files
 # ----------------------------------------------------------------------------------------------
@@ -618,6 +653,43 @@ def rank_file(path, case) -> str:
     with open(path, "w") as f:
         f.writelines([line(bytes([b]), b) for b in range(256) if b != dropped] + extra)
     return str(path)
+
+
+def unreadable_stage(folder, tok) -> str:
+    """A stage folder whose checkpoint.pt is no checkpoint."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "checkpoint.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    return str(folder)
+
+
+JUDGES = {  # case -> (how to make the judge folder, the message after --labeller ai:DIR: )
+    "another tokenizer": (lambda d, tok: tiny_stage(d, Tokenizer.train("Who wrote Hamlet? " * 30,
+                                                                       270), kind="scalar"),
+                          "the judge uses another tokenizer than SFT\n"),
+    "a language model": (lambda d, tok: tiny_stage(d, tok, kind="gpt"),
+                         "{judge}/checkpoint.pt: holds a 'gpt' model, expected 'scalar'\n"),
+    "an unreadable checkpoint": (unreadable_stage,
+                                 "{judge}/checkpoint.pt: not a readable checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", JUDGES)
+def test_a_judge_that_cannot_label_is_refused_in_one_line(tmp_path, capsys, tok, case):
+    """train_rm.py --labeller ai:DIR with DIR a reward model on another tokenizer than SFT's, a
+    language model, or a checkpoint that does not load: one line naming the flag and the
+    folder, exit 1, and no OUT left behind."""
+    make, message = JUDGES[case]
+    sft = tiny_stage(tmp_path / "sft", tok)
+    judge = make(str(tmp_path / "judge"), tok)
+    data = str(tmp_path / "prefs.jsonl")
+    write_jsonl(data, [{"prompt": "What is 2 plus 3?", "chosen": "5.", "rejected": "6."}])
+    out = str(tmp_path / "out")
+    err = one_line(capsys, train_rm, ["--sft", sft, "--data", data, "--labeller", f"ai:{judge}",
+                                      "--out", out, "--device", "cpu"], "train_rm.py", 1)
+    assert err.startswith(f"train_rm.py: error: --labeller ai:{judge}: "
+                          f"{message.format(judge=judge)}"), err
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("case", RANK_FILES)

@@ -3,9 +3,11 @@ metrics, and a run interrupted right after a checkpoint resumes to the same weig
 that was never interrupted (CPU, same seed)."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +172,8 @@ def test_rm_makes_pairs_and_trains(rm_dir):
     ev = json.load(open(os.path.join(rm_dir, "eval.json")))
     assert 0 <= ev["test_accuracy"] <= 1 and 0.5 <= ev["bayes_accuracy"] <= 1
     assert sum(r["n"] for r in ev["calibration"]) == 2 * 32  # every pair, both orders
+    assert ev["labels"] == {"labeller": "human"}
+    assert not [n for n in os.listdir(rm_dir) if n.endswith("_ai.jsonl")]
 
 
 def test_rm_noise_free_labels_train_on_the_labellers_probability(tmp_path, monkeypatch, sft_dir,
@@ -211,12 +215,102 @@ def test_rm_noise_free_labels_train_on_the_labellers_probability(tmp_path, monke
         train_rm.train(dataclasses.replace(cfg, data=str(outside), out=str(tmp_path / "rm2")))
 
 
-@pytest.mark.parametrize("noise_free_labels", [False, True])
-def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir, noise_free_labels):
-    """An RM run interrupted after its first checkpoint resumes to the same final weights."""
+def judge_rewards(judge, tok, rows):
+    """(r_a, r_b) of each row's (chosen, rejected), each response scored alone."""
+    def reward(ids):
+        tokens = torch.tensor([ids])
+        return judge.score(tokens, torch.ones_like(tokens, dtype=torch.bool)).item()
+    with torch.no_grad():
+        return [[reward(tok.render(r["prompt"], r[k])[0]) for k in ("chosen", "rejected")]
+                for r in rows]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_rm_trains_on_a_judges_labels(tmp_path, capsys, sft_dir, rm_dir, greedy):
+    """--labeller ai:DIR (RLAIF, lecture ch. 8), rm_dir's reward model as the judge: the
+    training and validation pairs are relabelled and written to OUT/prefs_ai.jsonl and
+    prefs_val_ai.jsonl (the same prompts and texts; each label what σ(r_a − r_b) and the rng
+    of --seed give, or with --judge-greedy the higher reward), eval.json says who labelled and
+    how often the judge agreed with the human labels, and the test pairs stay the human ones."""
+    data = {name: os.path.join(rm_dir, f"prefs{name}.jsonl") for name in ("", "_val", "_test")}
+    out = str(tmp_path / "rm_ai")
+    cfg = train_rm.RMConfig(out=out, sft=sft_dir, data=data[""], val_data=data["_val"],
+                            test_data=data["_test"], labeller=f"ai:{rm_dir}", judge_greedy=greedy,
+                            precision="fp32", **{**RM, "make_pairs": False, "max_steps": 4,
+                                                 "eval_every": 2, "eval_samples": 1})
+    res = train_rm.train(cfg)
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    labels = ev["labels"]
+    assert labels == res["labels"] and set(labels) == {
+        "labeller", "greedy", "n_pairs", "agreement", "expected_agreement", "human_agreement",
+        "n_val_pairs", "val_agreement"}
+    assert (labels["labeller"], labels["greedy"]) == (f"ai:{rm_dir}", greedy)
+    assert (labels["n_pairs"], labels["n_val_pairs"]) == (48, 16)
+    assert all(0 <= labels[k] <= 1 for k in ("agreement", "expected_agreement", "val_agreement"))
+    assert 0.5 <= labels["human_agreement"] <= 1
+    printed = capsys.readouterr().out
+    assert (f"labels: ai judge {rm_dir}{' (greedy)' if greedy else ''}: agreement with the "
+            f"given labels {labels['agreement']:.3f} (expected "
+            f"{labels['expected_agreement']:.3f}; two human labellers agree "
+            f"{labels['human_agreement']:.3f} on the same pairs) on 48 pairs") in printed
+    judge, tok, _ = load_stage(rm_dir, "scalar")
+    judge.eval()
+    for name, given, seed in (("prefs_ai.jsonl", data[""], [0, 8]),
+                              ("prefs_val_ai.jsonl", data["_val"], [0, 9])):
+        rows, new = read_prefs(given), read_prefs(os.path.join(out, name))
+        assert [r["prompt"] for r in new] == [r["prompt"] for r in rows]
+        assert all({r["chosen"], r["rejected"]} == {o["chosen"], o["rejected"]}
+                   for r, o in zip(new, rows))
+        rewards = judge_rewards(judge, tok, rows)
+        if greedy:
+            a_chosen = [r_a >= r_b for r_a, r_b in rewards]
+        else:
+            u = np.random.default_rng(seed).random(len(rows))
+            a_chosen = [ui < 1 / (1 + math.exp(r_b - r_a)) for ui, (r_a, r_b) in zip(u, rewards)]
+        assert [r["chosen"] == o["chosen"] for r, o in zip(new, rows)] == a_chosen
+        if name == "prefs_ai.jsonl":
+            assert labels["agreement"] == pytest.approx(np.mean(a_chosen))
+    rm, _, _ = load_stage(out, "scalar")  # test accuracy: on the human-labelled test pairs
+    test = train_rm.evaluate_pairs(rm, train_rm.encode_pairs(read_prefs(data["_test"]), tok),
+                                   tok, "cpu", cfg.batch_size)
+    assert ev["test_accuracy"] == test["accuracy"] and ev["n_test_pairs"] == 32
+    assert "bayes_accuracy" in ev
+
+
+def test_rm_judges_pairs_belong_to_the_run(tmp_path, monkeypatch, sft_dir, rm_dir):
+    """OUT/prefs_ai.jsonl and prefs_val_ai.jsonl are the run's own files, not input pairs: a run
+    that stops at its first step takes them with it (and the folder it made), and --overwrite
+    removes them before a run on human labels."""
+    cfg = train_rm.RMConfig(out=str(tmp_path / "rm_ai"), sft=sft_dir, labeller=f"ai:{rm_dir}",
+                            data=os.path.join(rm_dir, "prefs.jsonl"),
+                            val_data=os.path.join(rm_dir, "prefs_val.jsonl"),
+                            **{**RM, "make_pairs": False, "max_steps": 2, "eval_every": 2,
+                               "eval_samples": 1})
+
+    def diverged(*args):
+        raise training.NonFiniteError("step 1: loss is nan")
+    monkeypatch.setattr(train_rm, "optimizer_step", diverged)
+    with pytest.raises(training.NonFiniteError):
+        train_rm.train(cfg)
+    assert not os.path.exists(cfg.out)
+    monkeypatch.undo()
+    train_rm.train(cfg)
+    assert {"prefs_ai.jsonl", "prefs_val_ai.jsonl"} <= set(os.listdir(cfg.out))
+    train_rm.train(dataclasses.replace(cfg, labeller="human", overwrite=True))
+    assert not [n for n in os.listdir(cfg.out) if n.endswith("_ai.jsonl")]
+    assert json.load(open(os.path.join(cfg.out, "eval.json")))["labels"] == {"labeller": "human"}
+
+
+@pytest.mark.parametrize("noise_free_labels, labeller", [(False, None), (True, None),
+                                                        (False, "ai")])
+def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir, noise_free_labels,
+                                         labeller):
+    """An RM run interrupted after its first checkpoint resumes to the same final weights (on
+    a judge's labels too: the resumed run draws the same ones)."""
     out = str(tmp_path / "rm")
     cfg = train_rm.RMConfig(out=out, sft=sft_dir, data=os.path.join(rm_dir, "prefs.jsonl"),
                             val_data=os.path.join(rm_dir, "prefs_val.jsonl"),
+                            labeller=f"ai:{rm_dir}" if labeller else "human",
                             **{**RM, "make_pairs": False, "noise_free_labels": noise_free_labels})
     reference = str(tmp_path / "rm_ref")
     train_rm.train(dataclasses.replace(cfg, out=reference))
@@ -227,6 +321,8 @@ def test_rm_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir,
     train_rm.train(dataclasses.replace(cfg, resume=True))
     assert same_weights(os.path.join(out, "checkpoint.pt"),
                         os.path.join(reference, "checkpoint.pt"))
+    for name in ("prefs_ai.jsonl", "prefs_val_ai.jsonl") if labeller else ():
+        assert open(os.path.join(out, name)).read() == open(os.path.join(reference, name)).read()
 
 
 def test_rm_pairs_only_then_training_into_the_same_folder(tmp_path, sft_dir, capsys):
