@@ -6,6 +6,8 @@
     python -m minirlhf.pipeline --out out/pipeline --resume    # continue a stopped run
     python -m minirlhf.pipeline --out out/pipeline --overwrite # start over in a used folder
     python -m minirlhf.pipeline --out out/pipeline --sweep     # + several β for PPO and DPO
+    python -m minirlhf.pipeline --out out/pipeline --all       # + the methods beyond the RM
+    python -m minirlhf.pipeline --out out/pipeline --all --judge-pairs 2000 4000 16000
 
 Every stage runs through the same `train(cfg)` function as its top-level script, and the
 equivalent command line is printed before it starts, so any stage can be rerun alone. The
@@ -40,6 +42,19 @@ which it also records in the stage's eval.json ("pipeline_seconds"). After --res
 stage reports the seconds recorded there (a stage without them: its script's "train_seconds",
 the training loop only), a continued stage only the time since it was resumed, and
 "total_seconds" the time of this invocation alone.
+
+--all adds, after the five stages, the methods beyond the reward model, each with the PPO
+stage's settings but its own training signal: PPO with the gold judge as the reward ("ppo_gold":
+a perfect labeller, the bound the reward model is measured against), RFT — PPO with the verifier,
+1 for a right answer ("rft") —, GRPO with the verifier and with the reward model ("grpo",
+"grpo_rm": no value model, the KL a k3 term in the loss), and RLAIF per --judge-pairs N: a judge
+(a reward model trained on N human-labelled pairs) labels the reward model's 48000 pairs, a
+reward model is trained on its labels and PPO optimises that ("judge_N", "rm_ai_N", "rlaif_N"
+in rlaif_N/). summary.json then also holds those keys (gold, accuracy, kl, seconds, and the
+median "update_seconds" of one update phase) and "rlaif" (the 4000-pair judge's, else the first:
+judge_agreement with the human labels, human_agreement of two human labellers, the judge's and
+the RLAIF reward model's test accuracy beside the Bayes limit) and "rlaif_curve", one such point
+per judge.
 
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """

@@ -5,6 +5,8 @@
 - `plot_frontier`:    gold score against KL to the SFT model for every policy, with the
                       closed-form optimum π_SFT·exp(r/β)/Z at each β as a line (lecture ch. 5)
 - `plot_calibration`: the reward model's predicted preference probability vs the observed rate
+- `plot_rlaif`:       RLAIF per judge size: the judge's agreement and accuracy, the accuracy of
+                      the reward model trained on its labels, and PPO's gold with that model
 
 `train_rm.py` draws its calibration figure from here; `minirlhf/report.py` draws a whole
 pipeline run's figures. Left out: interactive plots; every figure is a plain PNG.
@@ -158,4 +160,39 @@ def plot_calibration(rows: list[dict], path: str) -> str:
     ax.set_ylabel("observed rate a was chosen")
     ax.set_title("Reward model calibration (test pairs)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_rlaif(summary: dict, path: str) -> str:
+    """RLAIF against the number of human pairs the judge learnt from (lecture ch. 8, "limited
+    by judge model quality"): left, the judge's test accuracy, its agreement with the human
+    labels and the accuracy of the reward model trained on its labels, beside the human-label
+    reward model and the Bayes limit; right, the gold of PPO with that reward model, beside PPO
+    with the human-label reward model."""
+    plt = _plt()
+    curve = summary["rlaif_curve"]
+    n = [c["judge_pairs"] for c in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
+    for key, label, style in (("judge_test_accuracy", "judge: test accuracy", "o-"),
+                              ("judge_agreement", "judge: agreement with human labels", "s-"),
+                              ("rm_test_accuracy", "RM on the judge's labels: test accuracy",
+                               "^-")):
+        left.plot(n, [c[key] for c in curve], style, label=label, markersize=4)
+    rm, bayes = summary["rm"]["test_accuracy"], curve[0]["bayes_accuracy"]
+    left.axhline(rm, color="tab:blue", ls="--", lw=1, label="RM on human labels (48000 pairs)")
+    left.axhline(bayes, color="gray", ls=":", lw=1, label="Bayes limit")
+    left.axhline(curve[0]["human_agreement"], color="gray", ls="-.", lw=1,
+                 label="two human labellers agree")
+    right.plot(n, [c["gold"] for c in curve], "o-", color="tab:gray", label="PPO on RLAIF's RM")
+    right.axhline(summary["ppo"]["gold"], color="tab:blue", ls="--", lw=1,
+                  label="PPO on the human-label RM")
+    right.axhline(summary["sft"]["gold"], color="k", ls=":", lw=1, label="SFT")
+    for ax, title, ylabel in ((left, "Labels from an AI judge", "accuracy / agreement"),
+                              (right, "PPO with the RLAIF reward model", "gold (test, T = 1)")):
+        ax.set_xscale("log")
+        ax.set_xticks(n, [str(x) for x in n])
+        ax.minorticks_off()
+        ax.set(xlabel="human-labelled pairs the judge learnt from", ylabel=ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below
     return _finish(fig, path)

@@ -9,6 +9,8 @@
                      the closed-form optimum π_SFT·exp(r/β)/Z at each β as a line, with the
                      labeller's reward (a perfect reward model) and with the trained one
 - `calibration.png`: the reward model's predicted preference probability vs the observed rate
+- `rlaif.png`:       with --all and several --judge-pairs: judge quality against the number of
+                     human pairs it learnt from, and what it carries into the reward model and PPO
 Left out: interactive plots; every figure is a plain PNG a README can link.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 
 from .config import OneLineParser
-from .plots import plot_calibration, plot_frontier, plot_hacking, plot_losses
+from .plots import plot_calibration, plot_frontier, plot_hacking, plot_losses, plot_rlaif
 
 
 def draw_all(run: str, summary: dict, frontier_points: list[dict],
@@ -34,6 +36,8 @@ def draw_all(run: str, summary: dict, frontier_points: list[dict],
         rows = json.load(open(rm_eval)).get("calibration")
         if rows:
             paths.append(plot_calibration(rows, os.path.join(out, "calibration.png")))
+    if len(summary.get("rlaif_curve", [])) > 1:
+        paths.append(plot_rlaif(summary, os.path.join(out, "rlaif.png")))
     return paths
 
 

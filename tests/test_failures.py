@@ -557,6 +557,34 @@ def test_a_bad_labeller_is_refused_before_any_work(tmp_path, capsys, inputs, cas
     assert not os.path.exists(out)
 
 
+PPO_FLAGS = {  # case -> (flags, the message after "train_ppo.py: error: ")
+    "a KL loss term with a critic": (["--kl-in", "loss"], "--kl-in loss is GRPO's form, for the "
+                                     "critic-free --advantage grpo or group; with a value model "
+                                     "the KL goes in the reward"),
+    "a value model from no reward model": (["--reward", "gold", "--value-init", "rm"],
+                                           "--value-init rm needs a reward model: --reward gold "
+                                           "loads none (use --value-init sft)"),
+    "a verifier without its reward": (["--verifier", "m:f"], "--verifier needs --reward verifier"),
+    "no group std without grpo": (["--no-group-std"],
+                                  "--no-group-std applies to --advantage grpo only"),
+    "a grpo group of one": (["--advantage", "grpo", "--samples-per-prompt", "1"],
+                            "--advantage grpo needs --samples-per-prompt of at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", PPO_FLAGS)
+def test_a_reward_or_grpo_flag_that_cannot_work_is_refused_before_any_work(tmp_path, capsys,
+                                                                           inputs, case):
+    """train_ppo.py's --reward, --verifier, --advantage grpo, --kl-in and --no-group-std in a
+    combination that cannot work: one line naming the flags, exit 2, OUT not created."""
+    flags, message = PPO_FLAGS[case]
+    out = str(tmp_path / "out")
+    err = one_line(capsys, train_ppo, base_flags("ppo", inputs) + flags + ["--out", out],
+                   "train_ppo.py", 2)
+    assert err == f"train_ppo.py: error: {message}\n"
+    assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. What loads: non-finite weights, bad tokenizer files
 # ----------------------------------------------------------------------------------------------

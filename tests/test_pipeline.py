@@ -268,6 +268,46 @@ def test_resume_refuses_a_run_made_with_other_flags(quick_run, capsys):
     assert "or pass --overwrite to start over" in err
 
 
+def test_all_adds_the_methods_beyond_the_reward_model(quick_run, tmp_path, capsys):
+    """--all on a finished quick run (--resume: the five stages are skipped) adds PPO with the
+    gold reward, RFT, GRPO with the verifier and with the reward model, and RLAIF (a judge on
+    64 human pairs, a reward model on its labels of the reward model's pairs, PPO): each a row
+    of summary.json and of the printed table; the five stages' numbers are unchanged; each
+    stage ran with the flags its method names (read back from its config.json)."""
+    ref, _, _ = quick_run
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    capsys.readouterr()
+    summary = pipeline.main(["--out", out, "--resume", "--all", "--judge-pairs", "64"] + QUICK)
+    printed = capsys.readouterr().out
+    assert printed.count("skipped: ") == 5
+    for key in ("ppo_gold", "rft", "grpo", "grpo_rm", "rlaif"):
+        row = summary[key]
+        assert all(math.isfinite(row[k]) for k in ("gold", "accuracy", "kl", "seconds")), key
+        assert key in summary["gap_closed"]
+    rlaif = summary["rlaif"]
+    assert rlaif["judge_pairs"] == 64 and summary["rlaif_curve"] == [rlaif]
+    assert 0 <= rlaif["judge_agreement"] <= 1 and 0 <= rlaif["rm_test_accuracy"] <= 1
+    assert 0.5 <= rlaif["human_agreement"] <= 1
+    base = summary_of(ref)
+    for stage in STAGES:
+        assert without_seconds(summary[stage]) == without_seconds(base[stage]), stage
+    config = {name: json.load(open(f"{out}/{folder}/config.json")) for name, folder in
+              (("ppo_gold", "ppo_gold"), ("rft", "rft"), ("grpo", "grpo"),
+               ("grpo_rm", "grpo_rm"), ("judge", "rlaif_64/judge"), ("rm", "rlaif_64/rm"),
+               ("ppo", "rlaif_64/ppo"))}
+    assert (config["ppo_gold"]["reward"], config["rft"]["reward"]) == ("gold", "verifier")
+    assert (config["grpo"]["advantage"], config["grpo"]["reward"]) == ("grpo", "verifier")
+    assert (config["grpo_rm"]["advantage"], config["grpo_rm"]["reward"]) == ("grpo", "rm")
+    assert config["judge"]["n_pairs"] == 64 and config["judge"]["make_pairs"]
+    assert config["rm"]["labeller"] == f"ai:{out}/rlaif_64/judge"
+    assert config["rm"]["data"] == f"{out}/rm/prefs.jsonl"
+    assert config["ppo"]["rm"] == f"{out}/rlaif_64/rm"
+    assert "value_model" not in load_checkpoint(f"{out}/grpo/checkpoint.pt")["extra"]
+    assert "beyond the reward model" in printed and "RLAIF, judge of 64 human pairs" in printed
+    assert {p["method"] for p in summary["frontier"]} >= {"PPO gold", "RFT", "GRPO", "RLAIF"}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--seed", "-1"], "--seed must be in [0, 2**32)"),
     (["--seed", str(2**40)], "--seed must be in [0, 2**32)"),
@@ -276,6 +316,9 @@ def test_resume_refuses_a_run_made_with_other_flags(quick_run, capsys):
     (["--out", ""], "--out must name a folder, not ''"),
     (["--resume", "--overwrite"],
      "--resume continues the run in --out, --overwrite starts it over: give one"),
+    (["--judge-pairs", "2000"], "--judge-pairs needs --all"),
+    (["--all", "--judge-pairs", "2000", "2000"],
+     "--judge-pairs must be distinct positive counts, not [2000, 2000]"),
 ])
 def test_bad_flags_end_in_one_line(tmp_path, capsys, flags, message):
     """Every stage's config is checked as its script checks it, and --out must be a folder,
