@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from .evaluate import reward_model_scorer
 from .world import BT_TEMPERATURE, correct, gold_reward, is_world_prompt
 
 
@@ -103,7 +104,6 @@ def make_reward(kind: str, *, verifier: str | None = None, reward_model=None, de
     training prompt is one of the built-in world's (needed for gold, and for the verifier
     without a function of your own). GraderError when the combination cannot work."""
     if kind == "rm":
-        from .evaluate import reward_model_scorer  # evaluate imports this module
         return reward_model_scorer(reward_model, device, no_end_penalty)
     if kind == "gold":
         if not world_prompts:

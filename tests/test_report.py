@@ -38,6 +38,21 @@ def test_report_draws_every_figure_of_a_run(tmp_path, capsys):
     assert all(os.path.getsize(p) > 1000 for p in paths)
 
 
+def test_an_all_run_with_several_judges_also_draws_the_rlaif_curve(tmp_path):
+    """--all with --judge-pairs 2000 16000: rlaif.png, judge quality against its human pairs."""
+    fake_run(tmp_path)
+    summary = json.load(open(tmp_path / "summary.json"))
+    summary.update(rm={"test_accuracy": 0.77}, ppo={"gold": 0.99}, sft={"gold": 0.64})
+    summary["rlaif_curve"] = [
+        {"judge_pairs": n, "judge_test_accuracy": a, "judge_agreement": a - 0.03,
+         "human_agreement": 0.77, "rm_test_accuracy": a - 0.01, "bayes_accuracy": 0.82,
+         "gold": g} for n, a, g in ((2000, 0.70, 0.8), (16000, 0.75, 0.9))]
+    json.dump(summary, open(tmp_path / "summary.json", "w"))
+    paths = report.main([str(tmp_path)])
+    rlaif = [p for p in paths if os.path.basename(p) == "rlaif.png"]
+    assert len(paths) == 5 and rlaif and os.path.getsize(rlaif[0]) > 1000
+
+
 @pytest.mark.parametrize("content", [None, "[1, 2]", "{not json", '{"world": {}}'])
 def test_report_refuses_a_missing_or_foreign_summary_in_one_line(tmp_path, capsys, content):
     if content is not None:
