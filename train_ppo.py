@@ -309,6 +309,10 @@ class PPOConfig:
             raise ValueError("--verifier needs --reward verifier")
         if not self.group_std and self.advantage != "grpo":
             raise ValueError("--no-group-std applies to --advantage grpo only")
+        if self.kl_coef < 0 or self.lr <= 0 or self.value_lr <= 0 or self.temperature <= 0:
+            raise ValueError("--kl-coef must be >= 0; --lr, --value-lr, --temperature > 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1):
+            raise ValueError("need 0 <= --gamma, --lam <= 1 and 0 < --clip-eps < 1")
         if self.kl_in == "loss" and self.critic:
             raise ValueError("--kl-in loss is GRPO's form, for the critic-free --advantage grpo "
                              "or group; with a value model the KL goes in the reward")
@@ -337,10 +341,6 @@ class PPOConfig:
         if self.kl_estimator != "auto":
             return self.kl_estimator
         return "k3" if self.kl_place == "loss" else "k1"
-        if self.kl_coef < 0 or self.lr <= 0 or self.value_lr <= 0 or self.temperature <= 0:
-            raise ValueError("--kl-coef must be >= 0; --lr, --value-lr, --temperature > 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and 0 < self.clip_eps < 1):
-            raise ValueError("need 0 <= --gamma, --lam <= 1 and 0 < --clip-eps < 1")
 
 
 def per_token_logprobs(model, tokens, attn_mask, device, with_entropy=False):
