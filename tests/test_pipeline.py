@@ -8,7 +8,9 @@ in one line.
 Time (2 cores, load ~3 from other work, measured): one uninterrupted quick run shared by the
 module (`quick_run`, 19 s), the run stopped in every stage (19 s: one pipeline's work plus what
 each stop redoes), the damaged DPO checkpoint (5 s), the finished run resumed (2 s: the
-closed-form optimum and the figures again), the rest well under a second; the file, 45 s."""
+closed-form optimum and the figures again), the rest well under a second; the file, 45 s.
+`--all` (measured alone): its stages added to the finished quick run (`all_run`, 17 s), and the
+same stopped twice and resumed (22 s)."""
 import contextlib
 import io
 import json
@@ -268,18 +270,29 @@ def test_resume_refuses_a_run_made_with_other_flags(quick_run, capsys):
     assert "or pass --overwrite to start over" in err
 
 
-def test_all_adds_the_methods_beyond_the_reward_model(quick_run, tmp_path, capsys):
+ALL = ["--all", "--judge-pairs", "64"]
+
+
+@pytest.fixture(scope="module")
+def all_run(quick_run, tmp_path_factory):
+    """--all on a copy of the finished quick run, with --resume: (its --out, what main returned,
+    what it printed)."""
+    out = str(tmp_path_factory.mktemp("pipeline_all") / "run")
+    shutil.copytree(quick_run[0], out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = pipeline.main(["--out", out, "--resume"] + ALL + QUICK)
+    return out, summary, printed.getvalue()
+
+
+def test_all_adds_the_methods_beyond_the_reward_model(quick_run, all_run):
     """--all on a finished quick run (--resume: the five stages are skipped) adds PPO with the
     gold reward, RFT, GRPO with the verifier and with the reward model, and RLAIF (a judge on
     64 human pairs, a reward model on its labels of the reward model's pairs, PPO): each a row
     of summary.json and of the printed table; the five stages' numbers are unchanged; each
     stage ran with the flags its method names (read back from its config.json)."""
     ref, _, _ = quick_run
-    out = str(tmp_path / "run")
-    shutil.copytree(ref, out)
-    capsys.readouterr()
-    summary = pipeline.main(["--out", out, "--resume", "--all", "--judge-pairs", "64"] + QUICK)
-    printed = capsys.readouterr().out
+    out, summary, printed = all_run
     assert printed.count("skipped: ") == 5
     for key in ("ppo_gold", "rft", "grpo", "grpo_rm", "rlaif"):
         row = summary[key]
@@ -306,6 +319,34 @@ def test_all_adds_the_methods_beyond_the_reward_model(quick_run, tmp_path, capsy
     assert "value_model" not in load_checkpoint(f"{out}/grpo/checkpoint.pt")["extra"]
     assert "beyond the reward model" in printed and "RLAIF, judge of 64 human pairs" in printed
     assert {p["method"] for p in summary["frontier"]} >= {"PPO gold", "RFT", "GRPO", "RLAIF"}
+
+
+def test_an_all_run_stopped_in_grpo_and_in_rlaif_resumes_to_the_same_summary(
+        quick_run, all_run, tmp_path, capsys, monkeypatch):
+    """--all stopped after the first checkpoint of GRPO (no value model in it), then after the
+    first of the reward model trained on the judge's labels: each --resume continues the
+    stopped stage from its checkpoint (the judge's labels drawn again, the same) and ends with
+    the uninterrupted --all run's summary.json and weights."""
+    out = str(tmp_path / "run")
+    shutil.copytree(quick_run[0], out)
+    argv = ["--out", out, "--resume"] + ALL + QUICK
+    for folder in ("grpo", "rlaif_64/rm"):
+        with monkeypatch.context() as m:
+            stop_after_first_save(m, f"{out}/{folder}")
+            with pytest.raises(Interrupted):
+                pipeline.main(argv)
+        assert not os.path.exists(f"{out}/{folder}/eval.json")
+    capsys.readouterr()
+    pipeline.main(argv)
+    printed = capsys.readouterr().out
+    assert f"resuming {out}/rlaif_64/rm from its checkpoint.pt" in printed
+    ref = all_run[0]
+    assert without_seconds(summary_of(out)) == without_seconds(summary_of(ref))
+    assert open(f"{out}/rlaif_64/rm/prefs_ai.jsonl").read() == open(
+        f"{ref}/rlaif_64/rm/prefs_ai.jsonl").read()
+    for folder in ("grpo", "rlaif_64/rm", "rlaif_64/ppo"):
+        a, b = (load_checkpoint(f"{d}/{folder}/checkpoint.pt") for d in (out, ref))
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), folder
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -422,11 +422,13 @@ def test_ppo_with_your_own_verifier_function(tmp_path, sft_dir, monkeypatch):
         train_ppo.train(bad)
 
 
-def test_ppo_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir):
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir, advantage):
     """PPO interrupted after the checkpoint at iteration 2 resumes (policy, value model, optimisers,
-    KL controller) to the same final policy as an uninterrupted run."""
+    KL controller) to the same final policy as an uninterrupted run; GRPO too, without a value
+    model."""
     cfg = train_ppo.PPOConfig(out=str(tmp_path / "a"), sft=sft_dir, rm=rm_dir, adaptive_kl=True,
-                              **PPO)
+                              advantage=advantage, **PPO)
     train_ppo.train(cfg)
     cut = dataclasses.replace(cfg, out=str(tmp_path / "b"))
     interrupt_after_saves(monkeypatch, train_ppo, "save_stage", 1)
@@ -439,7 +441,9 @@ def test_ppo_resume_matches_uninterrupted(tmp_path, monkeypatch, sft_dir, rm_dir
     a = load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))["extra"]
     b = load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["extra"]
     assert a["kl_controller"] == b["kl_controller"]
-    assert all(torch.equal(a["value_model"][k], b["value_model"][k]) for k in a["value_model"])
+    assert ("value_model" in a) == ("value_model" in b) == (advantage == "gae")
+    assert all(torch.equal(a["value_model"][k], b["value_model"][k])
+               for k in a.get("value_model", {}))
 
 
 DPO = dict(max_steps=6, batch_size=8, eval_every=3, ckpt_every=3, max_new_tokens=32, device="cpu")
