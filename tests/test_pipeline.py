@@ -9,8 +9,8 @@ Time (2 cores, load ~3 from other work, measured): one uninterrupted quick run s
 module (`quick_run`, 19 s), the run stopped in every stage (19 s: one pipeline's work plus what
 each stop redoes), the damaged DPO checkpoint (5 s), the finished run resumed (2 s: the
 closed-form optimum and the figures again), the rest well under a second; the file, 45 s.
-`--all` (measured alone): its stages added to the finished quick run (`all_run`, 17 s), and the
-same stopped twice and resumed (22 s)."""
+`--all` (measured alone): its stages added to the finished quick run (`all_run`, 16 s), and the
+same stopped twice and resumed (17 s)."""
 import contextlib
 import io
 import json
