@@ -54,7 +54,8 @@ in rlaif_N/). summary.json then also holds those keys (gold, accuracy, kl, secon
 median "update_seconds" of one update phase) and "rlaif" (the 4000-pair judge's, else the first:
 judge_agreement with the human labels, human_agreement of two human labellers, the judge's and
 the RLAIF reward model's test accuracy beside the Bayes limit) and "rlaif_curve", one such point
-per judge.
+per judge; and "best_of_n": the reward model keeping the best of n SFT samples, n = 1 ... 64
+(gold, accuracy, proxy and KL log n − (n − 1)/n per n; minirlhf/best_of_n.py).
 
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """
@@ -77,7 +78,8 @@ from .checkpoint import CHECKPOINT, check_stage, load_checkpoint, load_stage
 from .device import autocast, resolve_device, set_precision
 from .errors import CheckpointError, DataError, NonFiniteError, TokenizerError
 from .training import PAIRS, RUN_FILES, USED_IF, fail, run_files, write_json
-from .evaluate import kl_optimum
+from .best_of_n import best_of_n_curve
+from .evaluate import kl_optimum, reward_model_scorer
 from .world import World
 from .world import stats as world_stats
 
@@ -463,6 +465,22 @@ def closed_form_optimum(args, ppo_cfg, dpo_cfg) -> list[dict]:
                       max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed, reward=ppo_reward)
 
 
+def best_of_n(args, ppo_cfg) -> dict:
+    """--all: best-of-n of the SFT policy with the reward model as selector on the test prompts
+    (minirlhf/best_of_n.py), n = 1, 2, 4, ..., 64 (1, 2, 4 with --quick); each point's gold,
+    accuracy, the reward model's score of the kept sample and the KL log n − (n − 1)/n."""
+    t0 = time.time()
+    device = resolve_device(args.device)
+    set_precision(args.precision)  # the reward model scores as it did in PPO's rollouts
+    policy, tok, _ = load_stage(f"{args.out}/sft", "gpt", device)
+    reward_model = load_stage(f"{args.out}/rm", "scalar", device)[0].eval()
+    ns = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64]
+    points = best_of_n_curve(policy.eval(), tok, World(args.seed).test_prompts, ns,
+                             reward=reward_model_scorer(reward_model, device),
+                             max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed)
+    return {"selector": "rm", "points": points, "seconds": time.time() - t0}
+
+
 def summarize(results: dict, timings: dict, world: dict) -> dict:
     """summary.json's stage rows and the gap each method closes, from the stages' results."""
     sft, rm, ppo, hack, dpo = (results[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "dpo"))
@@ -606,6 +624,8 @@ def run_pipeline(args, cfgs: dict, plans: dict) -> dict:
     for point in (summary["kl_optimum"]["ppo"], summary["kl_optimum"]["dpo"],
                   summary["kl_optimum"]["ppo"]["reward_model"]):
         point["gap_closed"] = gap_closed(summary, point["gold"])
+    if args.all:  # the reward model picks the best of n SFT samples: beside PPO at equal KL
+        summary["best_of_n"] = best_of_n(args, cfgs["ppo"])
     summary["total_seconds"] = time.time() - t_start  # this invocation's (module docstring)
     os.makedirs(args.out, exist_ok=True)
     figures = draw_all(args.out, summary, frontier, curve)
@@ -677,6 +697,10 @@ def print_beyond(s: dict, f) -> None:
                   f"{f(r['accuracy'], '9.3f'):>9} {f(r['kl'], '6.2f'):>6} "
                   f"{f(s['gap_closed'].get(key), '6.2f'):>6} "
                   f"{f(r.get('update_seconds'), '7.2f'):>7} {f(r['seconds'], '8.0f'):>8}")
+    if "best_of_n" in s:
+        print("best-of-n (the reward model keeps the best of n SFT samples): " + " | ".join(
+            f"n={p['n']} KL {p['kl']:.2f} gold {p['gold']:.3f}" for p in s["best_of_n"]["points"]
+            if p["n"] > 1))
     for c in s.get("rlaif_curve", []):
         print(f"RLAIF, judge of {c['judge_pairs']} human pairs: judge test accuracy "
               f"{f(c['judge_test_accuracy'], '.3f')}, agrees with the human labels "

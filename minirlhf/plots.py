@@ -86,10 +86,11 @@ def plot_hacking(run: str, path: str) -> str:
 
 
 def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path: str,
-                  curve: list[dict] | None = None) -> str:
+                  curve: list[dict] | None = None, best_of_n: list[dict] | None = None) -> str:
     """points: {"label", "method", "kl", "gold"}; one marker style per method.
     curve: {"beta", "kl", "gold"} of the closed-form optimum π_SFT·exp(r/β)/Z, drawn as a line,
-    and its "reward_model" points (the same optimum with the trained reward model) as a second."""
+    and its "reward_model" points (the same optimum with the trained reward model) as a second.
+    best_of_n: {"n", "kl", "gold"} of best-of-n with the reward model, a third line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     if curve:
@@ -107,6 +108,12 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
             for c in spaced(rm_curve):
                 ax.annotate(f"β={c['beta']:g}", (c["kl"], c["gold"]), fontsize=6,
                             color="tab:orange", xytext=(2, 3), textcoords="offset points")
+    if best_of_n:
+        ax.plot([b["kl"] for b in best_of_n], [b["gold"] for b in best_of_n], ".-",
+                color="tab:olive", lw=1, alpha=0.8, label="best-of-n (reward model picks)")
+        for b in spaced(best_of_n[1:], min_gap=0.15):
+            ax.annotate(f"n={b['n']}", (b["kl"], b["gold"]), fontsize=6, color="tab:olive",
+                        xytext=(2, -9), textcoords="offset points")
     styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
               "DPO": ("tab:green", "^"), "PPO gold": ("tab:cyan", "*"), "RFT": ("tab:olive", "D"),
               "GRPO": ("tab:brown", "v"), "GRPO RM": ("tab:pink", "v"),

@@ -7,7 +7,8 @@
 - `frontier.png`:    gold score against KL to the SFT model for every policy (a --sweep adds
                      several β per method: the reward-vs-KL frontier of lecture ch. 5), and
                      the closed-form optimum π_SFT·exp(r/β)/Z at each β as a line, with the
-                     labeller's reward (a perfect reward model) and with the trained one
+                     labeller's reward (a perfect reward model) and with the trained one;
+                     with --all, best-of-n with the reward model as a third line
 - `calibration.png`: the reward model's predicted preference probability vs the observed rate
 - `rlaif.png`:       with --all and several --judge-pairs: judge quality against the number of
                      human pairs it learnt from, and what it carries into the reward model and PPO
@@ -30,7 +31,8 @@ def draw_all(run: str, summary: dict, frontier_points: list[dict],
              plot_hacking(run, os.path.join(out, "hacking.png")),
              plot_frontier(frontier_points, summary["world"]["optimum_gold"],
                            summary["world"]["demonstrators_gold"],
-                           os.path.join(out, "frontier.png"), curve)]
+                           os.path.join(out, "frontier.png"), curve,
+                           summary.get("best_of_n", {}).get("points"))]
     rm_eval = os.path.join(run, "rm", "eval.json")
     if os.path.exists(rm_eval):
         rows = json.load(open(rm_eval)).get("calibration")

@@ -319,6 +319,11 @@ def test_all_adds_the_methods_beyond_the_reward_model(quick_run, all_run):
     assert "value_model" not in load_checkpoint(f"{out}/grpo/checkpoint.pt")["extra"]
     assert "beyond the reward model" in printed and "RLAIF, judge of 64 human pairs" in printed
     assert {p["method"] for p in summary["frontier"]} >= {"PPO gold", "RFT", "GRPO", "RLAIF"}
+    bon = summary["best_of_n"]["points"]  # the reward model keeps the best of n SFT samples
+    assert [p["n"] for p in bon] == [1, 2, 4] and bon[0]["kl"] == 0
+    assert all(math.isfinite(p[k]) for p in bon for k in ("gold", "accuracy", "proxy", "kl"))
+    assert bon[0]["proxy"] <= bon[1]["proxy"] <= bon[2]["proxy"]  # the selector's own score
+    assert "best-of-n (the reward model keeps the best of n SFT samples)" in printed
 
 
 def test_an_all_run_stopped_in_grpo_and_in_rlaif_resumes_to_the_same_summary(
