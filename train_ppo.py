@@ -236,9 +236,9 @@ class PPOConfig:
     sft: str = "out/sft"              # SFT stage (or gpt2:DIR): the initial policy and the frozen
                                       # reference
     rm: str = "out/rm"                # reward model stage (frozen), for --reward rm
-    reward: Literal["rm", "verifier", "gold"] = "rm"  # R(x, ŷ): the reward model | 1 for a right
-                                      # answer, else 0 | the gold judge (world; the labeller's
-                                      # scale): minirlhf/graders.py
+    reward: Literal["rm", "verifier", "gold"] = "rm"  # R(x, ŷ): rm, the reward model |
+                                                      # verifier: 1 for a right answer, else 0
+                                                      # | gold: the gold judge (world only)
     verifier: str | None = None       # --reward verifier: module:function (prompt, response) ->
                                       # number; none = the world's checker
     prompts: str | None = None        # prompts JSONL to train on; none = the world's train prompts
@@ -261,11 +261,14 @@ class PPOConfig:
     adaptive_kl: bool = False         # adapt β toward --target-kl (Ziegler et al. 2019)
     target_kl: float = 4.0            # nats per response, for --adaptive-kl
     kl_horizon: int = 2000            # responses over which the adaptive controller reacts
-    advantage: Literal["gae", "bandit", "group", "grpo"] = "gae"  # gae | bandit: γ=0, A = R −
-                                      # V(x) | group: RLOO | grpo: (R − mean)/std per prompt;
-                                      # group and grpo have no value model
-    kl_in: Literal["auto", "reward", "loss"] = "auto"  # β·KL: in the per-token reward, or as a
-                                      # loss term (GRPO); auto: loss for grpo, else reward
+    advantage: Literal["gae", "bandit", "group", "grpo"] = "gae"  # gae | bandit: γ = 0,
+                                                                  # A = R − V(x) | group: RLOO
+                                                                  # | grpo: (R − mean)/std per
+                                                                  # prompt; group and grpo have
+                                                                  # no value model
+    kl_in: Literal["auto", "reward", "loss"] = "auto"  # β·KL in the per-token reward, or
+                                                       # as a loss term (GRPO); auto: loss for
+                                                       # grpo, else reward
     kl_estimator: Literal["auto", "k1", "k3"] = "auto"  # the KL sample: auto = k3 in the loss,
                                                         # k1 in the reward
     group_std: bool = True            # grpo: divide by the group's std (--no-group-std: centre)
@@ -283,8 +286,9 @@ class PPOConfig:
     value_lr: float = 1e-3            # value model learning rate
     warmup: int = 5                   # iterations of linear learning-rate warmup
     grad_clip: float = 1.0            # max gradient norm, per model
-    value_init: Literal["auto", "rm", "sft"] = "auto"  # the value model starts from the reward
-                                      # model or the SFT trunk; auto: rm with --reward rm
+    value_init: Literal["auto", "rm", "sft"] = "auto"  # the value model starts from the
+                                                       # reward model or the SFT trunk; auto:
+                                                       # rm with --reward rm
     # logging
     eval_every: int = 20              # iterations between held-out evaluations
     eval_prompts: str | None = None   # prompts JSONL to evaluate on; none = the world's prompts

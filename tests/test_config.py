@@ -110,3 +110,31 @@ def test_unsupported_field_type_is_a_type_error():
 
     with pytest.raises(TypeError, match="config fields must be"):
         build_parser(Bad, prog="bad.py")
+
+
+def test_every_scripts_field_comment_reaches_its_help_whole():
+    """A field comment of the scripts' configs that goes on over the next lines is read whole
+    into --help only when those lines start in the comment's own column: every comment-only
+    line right after a field is either such a continuation or a section heading (column 4)."""
+    import inspect
+    import re
+    import train_dpo
+    import train_ppo
+    import train_rm
+    import train_sft
+    for cls in (train_sft.SFTConfig, train_rm.RMConfig, train_ppo.PPOConfig,
+                train_dpo.DPOConfig):
+        column, name, lines = None, None, inspect.getsource(cls).splitlines()
+        for line in lines:
+            field = re.match(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", line)
+            if field:
+                name, column = field.group(1), line.rindex("#", 0, field.start(2))
+            elif name and re.match(r"^\s*#", line):
+                assert line.index("#") in (column, 4), (cls.__name__, name, line)
+                if line.index("#") == 4:
+                    name = None
+            else:
+                name = None
+    comments = field_comments(train_ppo.PPOConfig)  # three- and five-line comments, whole
+    assert comments["reward"].endswith("| gold: the gold judge (world only)")
+    assert comments["advantage"].endswith("group and grpo have no value model")
