@@ -28,7 +28,7 @@ from .checkpoint import load_stage
 from .config import OneLineParser
 from .device import resolve_device
 from .errors import CheckpointError, DataError, TokenizerError
-from .evaluate import evaluate, reward_model_scorer
+from .evaluate import evaluate, stage_scorer
 from .training import fail, write_json
 from .world import BT_TEMPERATURE, World
 
@@ -125,12 +125,7 @@ def run(args, ns: list[int]) -> dict:
     t0 = time.time()
     device = resolve_device(args.device)
     policy, tok, _ = load_stage(args.policy, "gpt", device)
-    reward = None
-    if args.selector == "rm":
-        rm, rm_tok, _ = load_stage(args.rm, "scalar", device)
-        if rm_tok.fingerprint() != tok.fingerprint():
-            raise CheckpointError(f"--rm {args.rm}: the reward model uses another tokenizer")
-        reward = reward_model_scorer(rm.eval(), device)
+    reward = stage_scorer(args.rm, tok, device) if args.selector == "rm" else None
     points = best_of_n_curve(policy.eval(), tok, World(args.seed).test_prompts, ns,
                              reward=reward, max_new_tokens=args.max_new_tokens, seed=args.seed)
     result = {"policy": args.policy, "selector": args.selector if args.selector == "gold"

@@ -75,7 +75,7 @@ import train_sft
 from .config import OneLineParser
 from .report import draw_all
 from .checkpoint import CHECKPOINT, check_stage, load_checkpoint, load_stage
-from .device import autocast, resolve_device, set_precision
+from .device import resolve_device, set_precision
 from .errors import CheckpointError, DataError, NonFiniteError, TokenizerError
 from .training import PAIRS, RUN_FILES, USED_IF, fail, run_files, write_json
 from .best_of_n import best_of_n_curve
@@ -444,38 +444,38 @@ def clear_old_run(cfgs: dict, out: str) -> None:
         os.remove(os.path.join(out, name))
 
 
-def closed_form_optimum(args, ppo_cfg, dpo_cfg) -> list[dict]:
+def sft_and_reward_model(args):
+    """(SFT policy, tokenizer, reward model, device) of the run, for what is computed after the
+    stages; the precision set as the stages ran, so the reward model scores as in PPO."""
+    device = resolve_device(args.device)
+    set_precision(args.precision)
+    sft_policy, tok, _ = load_stage(f"{args.out}/sft", "gpt", device)
+    reward_model = load_stage(f"{args.out}/rm", "scalar", device)[0].eval()
+    return sft_policy.eval(), tok, reward_model, device
+
+
+def closed_form_optimum(args, ppo_cfg, dpo_cfg, models) -> list[dict]:
     """The closed-form optimum of max E[r] − β·KL(π‖π_SFT) at several β (minirlhf/evaluate.py
     `kl_optimum`), r the labeller's utility: what PPO and DPO could reach at their β with a
     perfect reward model; and with r = PPO's reward (the trained reward model plus the no-end
-    penalty): what PPO can reach with the reward model it was given."""
-    device = resolve_device(args.device)
-    set_precision(args.precision)  # the reward model scores as it did in PPO's rollouts
-    sft_policy, tok, _ = load_stage(f"{args.out}/sft", "gpt", device)
-    reward_model = load_stage(f"{args.out}/rm", "scalar", device)[0].eval()
-
-    def ppo_reward(tokens, attn_mask, ended, *texts):  # as PPO's rollout scores (train_ppo.py)
-        with autocast(device):
-            score = reward_model.score(tokens, attn_mask).float()
-        return score + ppo_cfg.no_end_penalty * (~ended).float()
-
+    penalty, as PPO's rollout scores): what PPO can reach with the reward model it was given.
+    models: `sft_and_reward_model`'s."""
+    sft_policy, tok, reward_model, device = models
     betas = sorted({0.1, 0.2, 0.5, 1.0, 2.0, 4.0, ppo_cfg.kl_coef, dpo_cfg.beta})
     return kl_optimum(sft_policy, tok, World(args.seed).test_prompts, betas,
                       samples_per_prompt=8 if args.quick else 32,
-                      max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed, reward=ppo_reward)
+                      max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed,
+                      reward=reward_model_scorer(reward_model, device, ppo_cfg.no_end_penalty))
 
 
-def best_of_n(args, ppo_cfg) -> dict:
+def best_of_n(args, ppo_cfg, models) -> dict:
     """--all: best-of-n of the SFT policy with the reward model as selector on the test prompts
     (minirlhf/best_of_n.py), n = 1, 2, 4, ..., 64 (1, 2, 4 with --quick); each point's gold,
     accuracy, the reward model's score of the kept sample and the KL log n − (n − 1)/n."""
     t0 = time.time()
-    device = resolve_device(args.device)
-    set_precision(args.precision)  # the reward model scores as it did in PPO's rollouts
-    policy, tok, _ = load_stage(f"{args.out}/sft", "gpt", device)
-    reward_model = load_stage(f"{args.out}/rm", "scalar", device)[0].eval()
+    policy, tok, reward_model, device = models
     ns = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16, 32, 64]
-    points = best_of_n_curve(policy.eval(), tok, World(args.seed).test_prompts, ns,
+    points = best_of_n_curve(policy, tok, World(args.seed).test_prompts, ns,
                              reward=reward_model_scorer(reward_model, device),
                              max_new_tokens=ppo_cfg.max_new_tokens, seed=args.seed)
     return {"selector": "rm", "points": points, "seconds": time.time() - t0}
@@ -611,8 +611,9 @@ def run_pipeline(args, cfgs: dict, plans: dict) -> dict:
     for name, cfg in cfgs.items():
         run_stage(name, cfg, plans[name], results, timings)
     world = world_stats(args.seed, per_prompt=10 if args.quick else 50)
+    models = sft_and_reward_model(args)  # the SFT policy and the reward model, loaded once
     t0 = time.time()
-    curve = closed_form_optimum(args, cfgs["ppo"], cfgs["dpo"])
+    curve = closed_form_optimum(args, cfgs["ppo"], cfgs["dpo"], models)
     timings["kl_optimum"] = time.time() - t0
     summary = summarize(results, timings, world)
     summary["quick"] = args.quick  # a smoke run: its numbers say the code runs, nothing more
@@ -625,7 +626,7 @@ def run_pipeline(args, cfgs: dict, plans: dict) -> dict:
                   summary["kl_optimum"]["ppo"]["reward_model"]):
         point["gap_closed"] = gap_closed(summary, point["gold"])
     if args.all:  # the reward model picks the best of n SFT samples: beside PPO at equal KL
-        summary["best_of_n"] = best_of_n(args, cfgs["ppo"])
+        summary["best_of_n"] = best_of_n(args, cfgs["ppo"], models)
     summary["total_seconds"] = time.time() - t_start  # this invocation's (module docstring)
     os.makedirs(args.out, exist_ok=True)
     figures = draw_all(args.out, summary, frontier, curve)
