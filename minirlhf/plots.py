@@ -7,6 +7,8 @@
 - `plot_calibration`: the reward model's predicted preference probability vs the observed rate
 - `plot_rlaif`:       RLAIF per judge size: the judge's agreement and accuracy, the accuracy of
                       the reward model trained on its labels, and PPO's gold with that model
+- `plot_overoptimization`: gold (measured, Gao et al.'s fit) and proxy against √KL for best-of-n
+                      and PPO, one line per reward-model size (minirlhf/overoptimization.py)
 
 `train_rm.py` draws its calibration figure from here; `minirlhf/report.py` draws a whole
 pipeline run's figures. Left out: interactive plots; every figure is a plain PNG.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 
 from .training import read_metrics
+from .world import BT_TEMPERATURE
 
 
 def _plt():
@@ -202,4 +205,57 @@ def plot_rlaif(summary: dict, path: str) -> str:
         ax.set(xlabel="human-labelled pairs the judge learnt from", ylabel=ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below
+    return _finish(fig, path)
+
+
+def _overopt_panel(ax, points: list[dict], fit: dict, peak: dict | None, color) -> None:
+    """One reward model on one panel: measured gold (markers, solid), Gao et al.'s fitted curve
+    (dotted), the proxy in gold units aligned at d = 0 (dashed) and the measured peak (star)."""
+    import numpy as np
+    from .overoptimization import gao_curve
+    if not points:
+        return
+    d = [p["d"] for p in points]
+    ax.plot(d, [p["gold"] for p in points], "o-", color=color, markersize=3, lw=1.2)
+    if "error" not in fit:
+        grid = np.linspace(0.0, max(d), 200)
+        ax.plot(grid, gao_curve(fit, grid), ":", color=color, lw=1)
+    start = min(points, key=lambda p: p["d"])            # n = 1 / step 0: d = 0
+    ax.plot(d, [start["gold"] + BT_TEMPERATURE * (p["proxy"] - start["proxy"]) for p in points],
+            "--", color=color, lw=1, alpha=0.8)
+    if peak is not None:
+        ax.plot(peak["d"], peak["gold"], "*", color=color, markersize=11, markeredgecolor="k",
+                markeredgewidth=0.5)
+
+
+def plot_overoptimization(study: dict, path: str) -> str:
+    """Reward-model overoptimization (Gao, Schulman, Hilton 2023) from
+    overoptimization.study_summary: gold against d = √KL(π‖π_SFT) for best-of-n (left) and a
+    long low-β PPO run (right), one colour per reward-model size; the proxy, dashed, is
+    converted to gold units (×T) and aligned at d = 0, so the gap is the overoptimization."""
+    from matplotlib.lines import Line2D
+    plt = _plt()
+    fig, (bon_ax, rl_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("viridis")
+    sizes, rms = study["sizes"], study["reward_models"]
+    for i, size in enumerate(sizes):
+        rm, color = rms[str(size)], colors(i / max(len(sizes) - 1, 1) * 0.85)
+        for ax, method in ((bon_ax, "best_of_n"), (rl_ax, "rl")):
+            m = rm[method]
+            _overopt_panel(ax, m["points"], m["fit"], m["peak"], color)
+        bon_ax.plot([], [], "o-", color=color, markersize=3,
+                    label=f"{size} pairs (acc {rm['test_accuracy']:.2f})")
+    betas = sorted({rms[str(s)]["beta"] for s in sizes})
+    rl_title = "RL (PPO, β = " + ", ".join(f"{b:g}" for b in betas) + ")"
+    for ax, title in ((bon_ax, "Best-of-n"), (rl_ax, rl_title)):
+        ax.set_title(title, fontsize=10)
+        ax.set(xlabel="d = √KL(π‖π_SFT) (nats$^{1/2}$)",
+               ylabel=f"gold score (proxy ×T = {BT_TEMPERATURE:g}, dashed)")
+    styles = [Line2D([], [], color="k", marker="o", markersize=3, lw=1.2, label="gold, measured"),
+              Line2D([], [], color="k", ls=":", lw=1, label="Gao et al. fit"),
+              Line2D([], [], color="k", ls="--", lw=1, label="proxy ×T, aligned at d = 0"),
+              Line2D([], [], color="k", marker="*", ls="", markersize=9, label="gold peak")]
+    if sizes:
+        bon_ax.legend(fontsize=7, loc="best")
+    rl_ax.legend(handles=styles, fontsize=7, loc="best")
     return _finish(fig, path)
