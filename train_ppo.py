@@ -291,6 +291,7 @@ class PPOConfig:
                                                        # rm with --reward rm
     # logging
     eval_every: int = 20              # iterations between held-out evaluations
+    eval_repeats: int = 1             # samples per prompt at each held-out evaluation
     eval_prompts: str | None = None   # prompts JSONL to evaluate on; none = the world's prompts
                                       # (world data) or 5% of --prompts, held out from training
     eval_samples: int = 16            # samples per evaluation prompt at the end (plus greedy)
@@ -299,7 +300,7 @@ class PPOConfig:
         check_ranges(self, positive=("iterations", "prompts_per_iter", "samples_per_prompt",
                                      "max_new_tokens", "epochs", "minibatch_size", "eval_every",
                                      "ckpt_every", "target_kl", "kl_horizon", "grad_clip",
-                                     "eval_samples"),
+                                     "eval_samples", "eval_repeats"),
                      non_negative=("warmup", "vf_coef", "ent_coef"))
         if self.value_clip is not None and self.value_clip <= 0:
             raise ValueError("--value-clip must be positive (or none)")
@@ -674,14 +675,14 @@ def log_iteration(log, it: int, ro: Rollout, stats: dict, beta: float, cfg, dist
 
 def held_out_evaluation(log, it: int, policy, ref, reward, tok, world, eval_set,
                         cfg: PPOConfig) -> None:
-    """Fresh samples, one per prompt, logged as split "val": gold, accuracy, KL on the world's
-    validation prompts; on your own data (or --eval-prompts) the evaluation prompts, with the
-    reward's score (r_φ or the grader's), and the samples in OUT/samples.jsonl (the latest
-    evaluation's)."""
+    """Fresh samples, --eval-repeats per prompt, logged as split "val": gold, accuracy, KL on the
+    world's validation prompts, and the reward's score (r_φ or the grader's: the proxy the run
+    optimises); on your own data (or --eval-prompts) the evaluation prompts, and the samples in
+    OUT/samples.jsonl (the latest evaluation's)."""
     own = cfg.prompts or cfg.eval_prompts
     ev = evaluate(policy, tok, eval_set if own else world.val_prompts, ref=ref,
                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 7, records=bool(own),
-                  reward=reward if own else None)
+                  reward=reward, repeats=cfg.eval_repeats)
     if own:
         write_samples(cfg.out, ev.pop("records"), step=it)
     row = {k: ev[k] for k in ("gold", "accuracy", "kl", "reward", "length") if k in ev}

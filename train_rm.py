@@ -148,6 +148,7 @@ class RMConfig:
     data: str | None = None           # preference JSONL to train on (default: OUT/prefs.jsonl)
     val_data: str | None = None       # validation pairs (default: OUT/prefs_val.jsonl if present)
     test_data: str | None = None      # test pairs (default: OUT/prefs_test.jsonl if present)
+    max_pairs: int | None = None      # train on the first N pairs of the data only (none: all)
     resume: bool = False              # continue OUT/checkpoint.pt where a stopped run left off
     overwrite: bool = False           # start over in a used --out: its run files are replaced
     verbose: bool = False             # print the whole config at start
@@ -194,6 +195,8 @@ class RMConfig:
             raise ValueError("--responses-per-prompt must be at least 2")
         if self.pairs_only and not self.make_pairs:
             raise ValueError("--pairs-only needs --make-pairs")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError("--max-pairs must be positive")
         self.check_labeller()
 
     def check_labeller(self):
@@ -319,8 +322,10 @@ class PairsError(RuntimeError):
 
 
 def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float = 1.0,
-               max_new_tokens: int = 32, k: int = 2, batch_size: int = 512) -> list[dict]:
-    """`n_pairs` {"prompt", "chosen", "rejected"} rows, cycling through `prompts`.
+               max_new_tokens: int = 32, k: int = 2, batch_size: int = 512,
+               label=label_pair) -> list[dict]:
+    """`n_pairs` {"prompt", "chosen", "rejected"} rows, cycling through `prompts` (the world's
+    Prompts, or prompt texts when `label` needs no world).
 
     For each prompt the policy writes k responses and every two of them become a pair, each
     labelled by its own draw of the Bradley–Terry labeller (InstructGPT had labellers rank K = 4
@@ -331,6 +336,8 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
     docs/results.md, "Reward model"). Responses that lack the end token or are empty are
     dropped, and so are pairs of identical texts: the JSONL format cannot mark a cut-off
     response or hold an empty one, and an identical pair carries no preference.
+    label(prompt, a, b, rng) -> (chosen, rejected): the world's labeller by default; online DPO
+    (train_dpo.py --rounds) passes its own.
     """
     rng = np.random.default_rng(seed)  # the labeller's coin flips
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
@@ -346,7 +353,7 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
         chunk = [order[(cursor + i) % len(order)] for i in range(max(1, batch_size // k))]
         cursor += len(chunk)
         group = [p for p in chunk for _ in range(k)]  # k samples per prompt, side by side
-        g = generate(policy, [tok.render_prompt(p.text) for p in group], max_new_tokens,
+        g = generate(policy, [tok.render_prompt(text_of(p)) for p in group], max_new_tokens,
                      eos_id=tok.end_id, pad_id=tok.pad_id, temperature=temperature, generator=gen)
         texts = [tok.decode(ids) if ended else None
                  for ids, ended in zip(g.responses(), g.ended.tolist())]
@@ -357,12 +364,17 @@ def make_pairs(policy, tok, prompts, n_pairs: int, seed: int, temperature: float
                     a, b = answers[x], answers[y]
                     if a == b or len(rows) == n_pairs:
                         continue
-                    chosen, rejected = label_pair(p, a, b, rng)
-                    rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
+                    chosen, rejected = label(p, a, b, rng)
+                    rows.append({"prompt": text_of(p), "chosen": chosen, "rejected": rejected})
         barren = barren + 1 if len(rows) == made else 0
         bar.update(len(rows) - made)
     bar.close()
     return rows
+
+
+def text_of(prompt) -> str:
+    """A prompt's text: a world Prompt's .text, or the string itself."""
+    return getattr(prompt, "text", prompt)
 
 
 def make_pairs_main(cfg: RMConfig, device) -> dict:
@@ -412,7 +424,7 @@ def load_pairs(cfg: RMConfig, tok, block_size: int, device):
     train_path = cfg.data or os.path.join(cfg.out, "prefs.jsonl")
     if not os.path.exists(train_path):
         raise DataError(train_path, "no preference data: run with --make-pairs or pass --data")
-    train_rows = read_prefs(train_path, tok, block_size)
+    train_rows = read_prefs(train_path, tok, block_size)[:cfg.max_pairs]
     val_path = cfg.val_data or os.path.join(cfg.out, "prefs_val.jsonl")
     val_rows = read_pairs(val_path, tok, block_size)
     if not val_rows:

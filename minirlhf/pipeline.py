@@ -56,6 +56,13 @@ judge_agreement with the human labels, human_agreement of two human labellers, t
 the RLAIF reward model's test accuracy beside the Bayes limit) and "rlaif_curve", one such point
 per judge; and "best_of_n": the reward model keeping the best of n SFT samples, n = 1 ... 64
 (gold, accuracy, proxy and KL log n − (n − 1)/n per n; minirlhf/best_of_n.py).
+--all also runs online DPO ("online_dpo": 4 rounds, each after the first on pairs the policy
+writes and the world's labeller labels; its row adds each round's pairs and their answers'
+gold, "rounds") and the overoptimization study ("overoptimization", minirlhf/overoptimization.py):
+reward models on the first 6000 and 16000 of the RM stage's pairs ("rm_N" in overoptimization/),
+and for those and the RM stage's own a PPO run at β = 0.02 ("ppo_rm_N") evaluated every 5
+iterations; per reward model the gold and proxy against √KL for best-of-n and for PPO, Gao et
+al.'s functional forms fitted to each, and the measured peaks; figures/overoptimization.png.
 
 Left out: hyper-parameter search (the defaults were chosen by hand for this world and machine).
 """
@@ -77,9 +84,10 @@ from .report import draw_all
 from .checkpoint import CHECKPOINT, check_stage, load_checkpoint, load_stage
 from .device import resolve_device, set_precision
 from .errors import CheckpointError, DataError, NonFiniteError, TokenizerError
-from .training import PAIRS, RUN_FILES, USED_IF, fail, run_files, write_json
+from .training import PAIRS, RUN_FILES, USED_IF, fail, read_metrics, run_files, write_json
 from .best_of_n import best_of_n_curve
-from .evaluate import kl_optimum, reward_model_scorer
+from .evaluate import evaluate, kl_optimum, reward_model_scorer
+from .overoptimization import study_summary
 from .world import World
 from .world import stats as world_stats
 
@@ -122,7 +130,8 @@ def quick(cfg):
              "PPOConfig": dict(iterations=3, prompts_per_iter=4, samples_per_prompt=2,
                                max_new_tokens=24, eval_every=3, ckpt_every=2, minibatch_size=8),
              "DPOConfig": dict(max_steps=10, batch_size=16, eval_every=5, ckpt_every=5,
-                               max_new_tokens=24)}[type(cfg).__name__]
+                               max_new_tokens=24, round_steps=4, round_pairs=32)
+             }[type(cfg).__name__]
     return dataclasses.replace(cfg, **small)
 
 
@@ -213,6 +222,7 @@ def stage_configs(args) -> dict:
             "ppo": ppo, "ppo_no_kl": hack, "dpo": dpo}
     if args.all:
         cfgs.update(beyond_the_reward_model(args, ppo, rm))
+        cfgs.update(online_dpo_and_overoptimization(args, ppo, rm, dpo))
     if args.sweep:
         for method, base, field, betas in (("ppo", ppo, "kl_coef", (0.01, 0.02, 0.1, 0.5)),
                                            ("dpo", dpo, "beta", (0.1, 1.0, 3.0))):
@@ -245,6 +255,44 @@ def beyond_the_reward_model(args, ppo, rm) -> dict:
             labeller=f"ai:{folder}/judge")
         cfgs[f"rlaif_{n}"] = dataclasses.replace(ppo, out=f"{folder}/ppo", rm=f"{folder}/rm")
     return cfgs
+
+
+# --all's overoptimization study: reward models on the first N of the RM stage's pairs (and the
+# RM stage's own), each optimised by a long PPO run at a small β, evaluated every few iterations.
+OVEROPT_PAIRS = (6000, 16000)
+OVEROPT_PPO = dict(kl_coef=0.02, iterations=60, eval_every=5, eval_repeats=8, ckpt_every=20)
+
+
+def online_dpo_and_overoptimization(args, ppo, rm, dpo) -> dict:
+    """--all's online DPO (4 rounds, π_ref the policy that wrote each round's pairs) and the
+    overoptimization study's stages: "rm_N", a reward model on the first N of the RM stage's
+    pairs (about 4 epochs, validated 5 times, the best kept), and "ppo_rm_N" for each N and the
+    RM stage's own, PPO at β = 0.02 evaluated every 5 iterations on 8 samples of each
+    validation prompt."""
+    out = args.out
+    cfgs = {"online_dpo": dataclasses.replace(dpo, out=f"{out}/online_dpo", rounds=4)}
+    for n in overoptimization_sizes(args, rm):
+        rm_dir = f"{out}/overoptimization/rm_{n}"
+        if n == rm.n_pairs:
+            rm_dir = rm.out
+        else:
+            steps = min(rm.max_steps, max(2, 4 * n // rm.batch_size))
+            cfgs[f"rm_{n}"] = dataclasses.replace(
+                rm, out=rm_dir, make_pairs=False, data=f"{out}/rm/prefs.jsonl",
+                val_data=f"{out}/rm/prefs_val.jsonl", test_data=f"{out}/rm/prefs_test.jsonl",
+                max_pairs=n, max_steps=steps, eval_every=max(1, steps // 5))
+        long_run = {} if args.quick else OVEROPT_PPO
+        cfgs[f"ppo_rm_{n}"] = dataclasses.replace(
+            ppo, out=f"{out}/overoptimization/ppo_{n}", rm=rm_dir,
+            **{"kl_coef": OVEROPT_PPO["kl_coef"], **long_run})
+    return cfgs
+
+
+def overoptimization_sizes(args, rm) -> list[int]:
+    """The training pairs of the study's reward models: 6000, 16000 and the RM stage's 48000
+    (with --quick a quarter, a half and all of its pairs)."""
+    small = (rm.n_pairs // 4, rm.n_pairs // 2) if args.quick else OVEROPT_PAIRS
+    return sorted({n for n in small if n < rm.n_pairs} | {rm.n_pairs})
 
 
 def reads(name: str, cfgs: dict) -> tuple[str, ...]:
@@ -481,6 +529,33 @@ def best_of_n(args, ppo_cfg, models) -> dict:
     return {"selector": "rm", "points": points, "seconds": time.time() - t0}
 
 
+def overoptimization(args, cfgs: dict, results: dict, models, main_bon: dict) -> dict:
+    """--all's overoptimization study (minirlhf/overoptimization.py). For each reward model:
+    best-of-n of the SFT policy with it as the selector (the RM stage's is `best_of_n`'s), and
+    its PPO run's evaluations (gold, KL and the reward model's score of one sample per
+    validation prompt), led by the SFT policy evaluated the same way as the run's step 0."""
+    t0 = time.time()
+    sft_policy, tok, main_rm, device = models
+    rm_cfg, per_rm = cfgs["rm"], {}
+    for n in overoptimization_sizes(args, rm_cfg):
+        ppo_cfg = cfgs[f"ppo_rm_{n}"]
+        own = n == rm_cfg.n_pairs
+        rm_model = main_rm if own else load_stage(ppo_cfg.rm, "scalar", device)[0].eval()
+        bon = main_bon if own else best_of_n(args, ppo_cfg, (sft_policy, tok, rm_model, device))
+        reward = reward_model_scorer(rm_model, device, ppo_cfg.no_end_penalty)  # as PPO's
+        ev = evaluate(sft_policy, tok, World(ppo_cfg.seed).val_prompts,
+                      max_new_tokens=ppo_cfg.max_new_tokens, seed=ppo_cfg.seed + 7, reward=reward,
+                      repeats=ppo_cfg.eval_repeats)
+        start = {"step": 0, "gold": ev["gold"], "accuracy": ev["accuracy"], "kl": 0.0,
+                 "reward": ev["reward"]}
+        rows = [r for r in read_metrics(os.path.join(ppo_cfg.out, "metrics.jsonl"))
+                if r["split"] == "val"]
+        per_rm[n] = {"test_accuracy": results["rm" if own else f"rm_{n}"]["test_accuracy"],
+                     "best_of_n": bon["points"], "rl": [start] + rows,
+                     "beta": ppo_cfg.kl_coef}
+    return {**study_summary(per_rm), "seconds": time.time() - t0}
+
+
 def summarize(results: dict, timings: dict, world: dict) -> dict:
     """summary.json's stage rows and the gap each method closes, from the stages' results."""
     sft, rm, ppo, hack, dpo = (results[k] for k in ("sft", "rm", "ppo", "ppo_no_kl", "dpo"))
@@ -514,7 +589,8 @@ def summarize(results: dict, timings: dict, world: dict) -> dict:
     }
     summary.update(beyond_summary(results, timings))
     summary["gap_closed"] = {m: gap_closed(summary, summary[m]["gold"]) for m in
-                             ("ppo", "ppo_no_kl", "dpo") + BEYOND + ("rlaif",) if m in summary}
+                             ("ppo", "ppo_no_kl", "dpo", "online_dpo") + BEYOND + ("rlaif",)
+                             if m in summary}
     return summary
 
 
@@ -536,6 +612,11 @@ def beyond_summary(results: dict, timings: dict) -> dict:
     rm_test_accuracy, bayes_accuracy, gold, accuracy, kl, seconds}], "rlaif" its 4000-pair
     point (or its first). seconds: judge + reward model + PPO."""
     rows = {m: policy_row(results[m], timings[m]) for m in BEYOND if m in results}
+    if "online_dpo" in results:
+        r = results["online_dpo"]
+        rows["online_dpo"] = {**policy_row(r, timings["online_dpo"]),
+                              "implicit_accuracy": r.get("test_pairs", {}).get("accuracy"),
+                              "train_seconds": r["train_seconds"], "rounds": r.get("rounds")}
     curve = []
     for name in results:
         if not name.startswith("judge_"):
@@ -574,7 +655,7 @@ def frontier_points(summary: dict, cfgs: dict, results: dict) -> list:
                 {"method": "DPO", "kl": summary["dpo"]["kl"], "gold": summary["dpo"]["gold"],
                  "label": f"β={dpo_cfg.beta:g}"}]
     for key, method in (("ppo_gold", "PPO gold"), ("rft", "RFT"), ("grpo", "GRPO"),
-                        ("grpo_rm", "GRPO RM"), ("rlaif", "RLAIF")):
+                        ("grpo_rm", "GRPO RM"), ("rlaif", "RLAIF"), ("online_dpo", "DPO online")):
         if key in summary:
             frontier.append({"method": method, "kl": summary[key]["kl"],
                              "gold": summary[key]["gold"]})
@@ -627,6 +708,8 @@ def run_pipeline(args, cfgs: dict, plans: dict) -> dict:
         point["gap_closed"] = gap_closed(summary, point["gold"])
     if args.all:  # the reward model picks the best of n SFT samples: beside PPO at equal KL
         summary["best_of_n"] = best_of_n(args, cfgs["ppo"], models)
+        summary["overoptimization"] = overoptimization(args, cfgs, results, models,
+                                                       summary["best_of_n"])
     summary["total_seconds"] = time.time() - t_start  # this invocation's (module docstring)
     os.makedirs(args.out, exist_ok=True)
     figures = draw_all(args.out, summary, frontier, curve)
@@ -690,7 +773,8 @@ def print_beyond(s: dict, f) -> None:
                                                            "ppo_gold"),
             ("RFT", "verifier: right answer 1/0", "rft"), ("GRPO", "verifier, no critic", "grpo"),
             ("GRPO RM", "reward model, no critic", "grpo_rm"),
-            ("RLAIF", "RM on an AI judge's labels", "rlaif")]
+            ("RLAIF", "RM on an AI judge's labels", "rlaif"),
+            ("DPO onl.", "its own pairs, human-labelled", "online_dpo")]
     for name, signal, key in rows:
         if key in s:
             r = s[key]
@@ -702,6 +786,13 @@ def print_beyond(s: dict, f) -> None:
         print("best-of-n (the reward model keeps the best of n SFT samples): " + " | ".join(
             f"n={p['n']} KL {p['kl']:.2f} gold {p['gold']:.3f}" for p in s["best_of_n"]["points"]
             if p["n"] > 1))
+    for n, r in s.get("overoptimization", {}).get("reward_models", {}).items():
+        rl, bon = r["rl"], r["best_of_n"]
+        print(f"overoptimization, RM on {n} pairs (test accuracy {r['test_accuracy']:.3f}): "
+              f"PPO β={r['beta']:g} gold peaks at {rl['peak']['gold']:.3f} (√KL "
+              f"{rl['peak']['d']:.2f}), ends at {rl['last']['gold']:.3f} (√KL "
+              f"{rl['last']['d']:.2f}, proxy {rl['last']['proxy']:+.2f}); best-of-n peaks at "
+              f"{bon['peak']['gold']:.3f} (n={bon['peak']['n']})")
     for c in s.get("rlaif_curve", []):
         print(f"RLAIF, judge of {c['judge_pairs']} human pairs: judge test accuracy "
               f"{f(c['judge_test_accuracy'], '.3f')}, agrees with the human labels "

@@ -20,7 +20,8 @@ import json
 import os
 
 from .config import OneLineParser
-from .plots import plot_calibration, plot_frontier, plot_hacking, plot_losses, plot_rlaif
+from .plots import (plot_calibration, plot_frontier, plot_hacking, plot_losses,
+                    plot_overoptimization, plot_rlaif)
 
 
 def draw_all(run: str, summary: dict, frontier_points: list[dict],
@@ -40,6 +41,9 @@ def draw_all(run: str, summary: dict, frontier_points: list[dict],
             paths.append(plot_calibration(rows, os.path.join(out, "calibration.png")))
     if len(summary.get("rlaif_curve", [])) > 1:
         paths.append(plot_rlaif(summary, os.path.join(out, "rlaif.png")))
+    if "overoptimization" in summary:
+        paths.append(plot_overoptimization(summary["overoptimization"],
+                                           os.path.join(out, "overoptimization.png")))
     return paths
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import glob
 import json
 import math
 import os
@@ -247,13 +248,21 @@ def seed_everything(seed: int) -> None:
 # judge relabelled, prefs*_ai.jsonl, are the run's own: train_rm.py --labeller ai:DIR.)
 USED_IF = (CHECKPOINT, "metrics.jsonl")
 RUN_FILES = (CHECKPOINT, "best.pt", "metrics.jsonl", "eval.json", "samples.jsonl", "config.json",
-             "calibration.png", "prefs_ai.jsonl", "prefs_val_ai.jsonl")
+             "calibration.png", "prefs_ai.jsonl", "prefs_val_ai.jsonl",
+             "round_*.jsonl")  # online DPO's pairs: train_dpo.py --rounds
 PAIRS = ("prefs.jsonl", "prefs_val.jsonl", "prefs_test.jsonl")  # train_rm.py --make-pairs
 
 
 def run_files(folder: str, names=USED_IF) -> list[str]:
-    """The names among `names` that exist in folder."""
-    return [n for n in names if os.path.exists(os.path.join(folder, n))]
+    """The names among `names` that exist in folder; a name with * matches as a glob."""
+    found = []
+    for n in names:
+        if "*" in n:
+            found += sorted(os.path.basename(p)
+                            for p in glob.glob(os.path.join(glob.escape(folder), n)))
+        elif os.path.exists(os.path.join(folder, n)):
+            found.append(n)
+    return found
 
 
 def check_out(cfg) -> None:

@@ -585,6 +585,38 @@ def test_a_reward_or_grpo_flag_that_cannot_work_is_refused_before_any_work(tmp_p
     assert not os.path.exists(out)
 
 
+DPO_FLAGS = {  # case -> (flags, the message after "train_dpo.py: error: ")
+    "no rounds": (["--rounds", "0"], "--rounds must be positive"),
+    "a round of no steps": (["--round-steps", "0"], "--round-steps must be positive"),
+    "one response per prompt": (["--round-samples", "1"],
+                                "--round-samples must be at least 2: a pair needs two responses"),
+    "a robot labeller": (["--rounds", "2", "--labeller", "robot"],
+                         "--labeller robot: world, or ai:DIR with DIR a reward-model stage "
+                         "folder"),
+    "ai: and no folder": (["--rounds", "2", "--labeller", "ai:"],
+                          "--labeller ai: names no folder: ai:DIR, DIR a reward-model stage"),
+    "a judge with one round": (["--labeller", "ai:{stage}"],
+                               "--labeller labels the pairs of online DPO's later rounds: it "
+                               "needs --rounds of at least 2"),
+    "a missing judge": (["--rounds", "2", "--labeller", "ai:{missing}"],
+                        "--labeller ai:{missing}: no such file or folder"),
+}
+
+
+@pytest.mark.parametrize("case", DPO_FLAGS)
+def test_an_online_dpo_flag_that_cannot_work_is_refused_before_any_work(tmp_path, capsys,
+                                                                         inputs, case):
+    """train_dpo.py's --rounds, --round-steps, --round-samples and --labeller out of range or
+    naming no judge: one line naming the flag, exit 2, OUT not created."""
+    flags, message = DPO_FLAGS[case]
+    out = str(tmp_path / "out")
+    flags = [f.format(**inputs) for f in flags]
+    err = one_line(capsys, train_dpo, base_flags("dpo", inputs) + flags + ["--out", out],
+                   "train_dpo.py", 2)
+    assert err == f"train_dpo.py: error: {message.format(**inputs)}\n"
+    assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. What loads: non-finite weights, bad tokenizer files
 # ----------------------------------------------------------------------------------------------

@@ -115,16 +115,19 @@ class Interrupted(Exception):
     """Stands in for a SIGKILL that lands right after a write."""
 
 
-def stop_after_first_save(monkeypatch, folder):
-    """Make the stage writing into `folder` stop right after its first checkpoint.pt there
-    (train_sft/rm/dpo.py save through training.save_run, train_ppo.py calls save_stage)."""
+def stop_after_first_save(monkeypatch, folder, n: int = 1):
+    """Make the stage writing into `folder` stop right after its first (n-th) checkpoint.pt
+    there (train_sft/rm/dpo.py save through training.save_run, train_ppo.py calls save_stage)."""
+    saves = {"n": 0}
     for module in (training, train_ppo):
         real = module.save_stage
 
         def wrapped(out, *args, _real=real, **kwargs):
             path = _real(out, *args, **kwargs)
             if os.path.normpath(out) == os.path.normpath(folder):
-                raise Interrupted
+                saves["n"] += 1
+                if saves["n"] == n:
+                    raise Interrupted
             return path
         monkeypatch.setattr(module, "save_stage", wrapped)
 
@@ -326,30 +329,71 @@ def test_all_adds_the_methods_beyond_the_reward_model(quick_run, all_run):
     assert "best-of-n (the reward model keeps the best of n SFT samples)" in printed
 
 
-def test_an_all_run_stopped_in_grpo_and_in_rlaif_resumes_to_the_same_summary(
+def test_all_adds_online_dpo_and_the_overoptimization_study(all_run):
+    """--all's online DPO runs 4 rounds (3 of them on pairs of its own, each logged), π_ref the
+    policy of each round's start; the overoptimization study trains reward models on the first
+    quarter and half of the reward model's pairs, runs PPO at β = 0.02 against each of the
+    three, and reports per reward model best-of-n and PPO points from √KL = 0 on, with Gao et
+    al.'s fits (or why none could be made) and the measured peaks; its figure is drawn."""
+    out, summary, printed = all_run
+    online = summary["online_dpo"]
+    assert [r["round"] for r in online["rounds"]] == [2, 3, 4]
+    assert all(r["pairs"] == 32 for r in online["rounds"])
+    assert all(math.isfinite(online[k]) for k in ("gold", "accuracy", "kl", "seconds"))
+    assert "online_dpo" in summary["gap_closed"] and "DPO onl." in printed
+    config = json.load(open(f"{out}/online_dpo/config.json"))
+    assert (config["rounds"], config["reference"]) == (4, "previous")
+    assert sorted(os.path.basename(f) for f in os.listdir(f"{out}/online_dpo")
+                  if f.startswith("round_")) == ["round_2.jsonl", "round_3.jsonl", "round_4.jsonl"]
+    over = summary["overoptimization"]
+    assert over["sizes"] == [32, 64, 128]
+    for n in over["sizes"]:
+        r = over["reward_models"][str(n)]
+        assert 0 <= r["test_accuracy"] <= 1 and r["beta"] == 0.02
+        rl, bon = r["rl"]["points"], r["best_of_n"]["points"]
+        assert [p["step"] for p in rl] == [0, 3] and rl[0]["d"] == 0
+        assert [p["n"] for p in bon] == [1, 2, 4]
+        assert all(math.isfinite(p[k]) for p in rl + bon for k in ("d", "gold", "proxy"))
+        assert "alpha" in r["best_of_n"]["fit"] and "error" in r["rl"]["fit"]  # one RL point
+        ppo = json.load(open(f"{out}/overoptimization/ppo_{n}/config.json"))
+        rm_dir = f"{out}/rm" if n == 128 else f"{out}/overoptimization/rm_{n}"
+        assert (ppo["rm"], ppo["kl_coef"]) == (rm_dir, 0.02)
+        if n < 128:
+            assert json.load(open(f"{rm_dir}/config.json"))["max_pairs"] == n
+            assert json.load(open(f"{rm_dir}/eval.json"))["n_train_pairs"] == n
+    assert ([{k: v for k, v in p.items() if k != "d"}
+             for p in over["reward_models"]["128"]["best_of_n"]["points"]]
+            == summary["best_of_n"]["points"])  # the reward-model stage's own best-of-n
+    assert os.path.getsize(f"{out}/figures/overoptimization.png") > 0
+    assert "overoptimization, RM on 32 pairs" in printed
+
+
+def test_an_all_run_stopped_in_grpo_rlaif_and_online_dpo_resumes_to_the_same_summary(
         quick_run, all_run, tmp_path, capsys, monkeypatch):
     """--all stopped after the first checkpoint of GRPO (no value model in it), then after the
-    first of the reward model trained on the judge's labels: each --resume continues the
-    stopped stage from its checkpoint (the judge's labels drawn again, the same) and ends with
-    the uninterrupted --all run's summary.json and weights."""
+    first of the reward model trained on the judge's labels, then inside online DPO's third
+    round: each --resume continues the stopped stage from its checkpoint (the judge's labels
+    drawn again, the same; online DPO's pairs read back) and ends with the uninterrupted --all
+    run's summary.json and weights."""
     out = str(tmp_path / "run")
     shutil.copytree(quick_run[0], out)
     argv = ["--out", out, "--resume"] + ALL + QUICK
-    for folder in ("grpo", "rlaif_64/rm"):
+    # online DPO stops at step 15 of 22, inside its third round, two rounds' pairs on disk
+    for folder, n in (("grpo", 1), ("rlaif_64/rm", 1), ("online_dpo", 4)):
         with monkeypatch.context() as m:
-            stop_after_first_save(m, f"{out}/{folder}")
+            stop_after_first_save(m, f"{out}/{folder}", n)
             with pytest.raises(Interrupted):
                 pipeline.main(argv)
         assert not os.path.exists(f"{out}/{folder}/eval.json")
-    capsys.readouterr()
     pipeline.main(argv)
-    printed = capsys.readouterr().out
-    assert f"resuming {out}/rlaif_64/rm from its checkpoint.pt" in printed
+    printed = capsys.readouterr().out  # every invocation's
+    for folder in ("rlaif_64/rm", "online_dpo"):
+        assert f"resuming {out}/{folder} from its checkpoint.pt" in printed
     ref = all_run[0]
     assert without_seconds(summary_of(out)) == without_seconds(summary_of(ref))
     assert open(f"{out}/rlaif_64/rm/prefs_ai.jsonl").read() == open(
         f"{ref}/rlaif_64/rm/prefs_ai.jsonl").read()
-    for folder in ("grpo", "rlaif_64/rm", "rlaif_64/ppo"):
+    for folder in ("grpo", "rlaif_64/rm", "rlaif_64/ppo", "online_dpo"):
         a, b = (load_checkpoint(f"{d}/{folder}/checkpoint.pt") for d in (out, ref))
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), folder
 

@@ -554,3 +554,101 @@ def test_sft_starts_from_a_tokenizer_trained_on_your_text(tmp_path):
         tok.fingerprint()
     with pytest.raises(ValueError, match="--tokenizer and --init"):
         train_sft.SFTConfig(tokenizer=str(tmp_path / "tok"), init=out).check()
+
+
+ONLINE = dict(DPO, rounds=3, round_steps=4, round_pairs=12, round_samples=3, eval_samples=2)
+
+
+def test_online_dpo_rounds_tile_the_steps():
+    """Round r trains steps first+1 .. last of `round_span`; the spans tile 0 .. total_steps
+    without gap or overlap, round 1 is --max-steps long and the others --round-steps, and
+    `round_at` (where a resumed run picks up) names the round of the next step."""
+    for max_steps, round_steps, rounds in [(6, 4, 3), (1, 1, 1), (600, 100, 5), (7, 3, 2)]:
+        cfg = train_dpo.DPOConfig(max_steps=max_steps, round_steps=round_steps, rounds=rounds)
+        spans = [train_dpo.round_span(r, cfg) for r in range(1, rounds + 1)]
+        assert spans[0] == (0, max_steps) and spans[-1][1] == cfg.total_steps
+        assert all(a[1] == b[0] and b[1] - b[0] == round_steps for a, b in zip(spans, spans[1:]))
+        for step in range(cfg.total_steps + 1):
+            rnd = train_dpo.round_at(step, cfg)
+            if step == cfg.total_steps:
+                assert rnd == rounds + 1
+            else:
+                assert spans[rnd - 1][0] <= step < spans[rnd - 1][1]
+
+
+def dpo_pairs_dir(tmp_path, rm_dir):
+    """The RM stage's pairs with the world's prompts, in a folder of their own."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("prefs.jsonl", "prefs_val.jsonl", "prefs_test.jsonl"):
+        shutil.copy(os.path.join(rm_dir, name), data_dir / name)
+    return str(data_dir / "prefs.jsonl")
+
+
+@pytest.mark.parametrize("reference", ["sft", "previous"])
+def test_online_dpo_round_one_is_offline_dpo(tmp_path, monkeypatch, sft_dir, rm_dir, reference):
+    """Online DPO's first round is today's offline DPO step for step (the same weights at its
+    end, the same logged numbers); each later round trains on --round-pairs pairs sampled from the
+    policy of its start and labelled, saved with π_ref's log-probs in OUT/round_<r>.jsonl: the
+    SFT model's (--reference sft) or the round's starting policy's (previous); metrics.jsonl
+    has one "round" row per later round; and a run stopped after any checkpoint, also the one
+    that ends a round before the next round's pairs exist, resumes to the same weights."""
+    data = dpo_pairs_dir(tmp_path, rm_dir)
+    offline = train_dpo.DPOConfig(out=str(tmp_path / "offline"), sft=sft_dir, data=data, **DPO)
+    train_dpo.train(offline)
+    cfg = train_dpo.DPOConfig(out=str(tmp_path / "a"), sft=sft_dir, data=data,
+                              reference=reference, **ONLINE)
+    result = train_dpo.train(cfg)
+    assert result["steps"] == 6 + 2 * 4
+    metrics = read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+    assert ([r for r in metrics if r["step"] <= 6 and r["split"] != "round"]
+            == read_metrics(str(tmp_path / "offline" / "metrics.jsonl")))
+    rounds = [r for r in metrics if r["split"] == "round"]
+    assert [(r["round"], r["step"]) for r in rounds] == [(2, 6), (3, 10)]
+    assert all(r["pairs"] == 12 and 0 <= r["sample_accuracy"] <= 1 for r in rounds)
+    # round 2's π_ref: the SFT model, or the policy round 1 ended with (= offline DPO's)
+    pairs, ref_logp = train_dpo.read_round(str(tmp_path / "a" / "round_2.jsonl"),
+                                           load_stage(sft_dir, "gpt")[1])
+    ref_stage = sft_dir if reference == "sft" else str(tmp_path / "offline")
+    model, tok, _ = load_stage(ref_stage, "gpt")
+    with torch.no_grad():
+        c, r = train_dpo.response_logprobs(model.eval(), pairs, tok, torch.device("cpu"))
+    assert len(pairs) == 12
+    assert torch.allclose(torch.stack([c, r], 1), ref_logp, atol=1e-4)
+    for n_saves in (2, 3):  # stopped at the end of round 1, then inside round 2
+        cut = dataclasses.replace(cfg, out=str(tmp_path / f"cut{n_saves}"))
+        interrupt_after_saves(monkeypatch, training, "save_stage", n_saves)
+        with pytest.raises(Interrupted):
+            train_dpo.train(cut)
+        monkeypatch.undo()
+        if n_saves == 2:
+            assert same_weights(str(tmp_path / "offline" / "checkpoint.pt"),
+                                os.path.join(cut.out, "checkpoint.pt"))
+            assert not os.path.exists(os.path.join(cut.out, "round_2.jsonl"))
+        train_dpo.train(dataclasses.replace(cut, resume=True))
+        assert same_weights(str(tmp_path / "a" / "checkpoint.pt"),
+                            os.path.join(cut.out, "checkpoint.pt"))
+
+
+def test_online_dpo_with_a_judge_and_its_refusals(tmp_path, sft_dir, rm_dir):
+    """--labeller ai:DIR has a reward-model stage label each round's pairs (the judge prefers the
+    chosen response of most of them); the world's labeller refuses prompts it does not know, and
+    --overwrite removes an old run's round files."""
+    data = dpo_pairs_dir(tmp_path, rm_dir)
+    cfg = train_dpo.DPOConfig(out=str(tmp_path / "a"), sft=sft_dir, data=data,
+                              labeller=f"ai:{rm_dir}", **{**ONLINE, "rounds": 2})
+    train_dpo.train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "round_2.jsonl")]
+    judge, tok, _ = load_stage(rm_dir, "scalar")
+    pairs = train_dpo.encode_pairs(rows, tok)
+    r_w, r_l = train_rm.judge_scores(judge.eval(), [(c, r) for c, r, _ in pairs], tok,
+                                     torch.device("cpu"))
+    assert len(rows) == 12 and (r_w > r_l).float().mean() >= 0.5
+    train_dpo.train(dataclasses.replace(cfg, rounds=1, overwrite=True))
+    assert not os.path.exists(tmp_path / "a" / "round_2.jsonl")
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"prompt": f"Write haiku {i}.", "chosen": "Leaves fall.",
+                                       "rejected": "No."}) + "\n" for i in range(40)))
+    with pytest.raises(DataError, match="--labeller world labels the built-in world's prompts"):
+        train_dpo.train(dataclasses.replace(cfg, out=str(tmp_path / "b"), data=str(own),
+                                            labeller="world"))
