@@ -774,7 +774,7 @@ def print_beyond(s: dict, f) -> None:
             ("RFT", "verifier: right answer 1/0", "rft"), ("GRPO", "verifier, no critic", "grpo"),
             ("GRPO RM", "reward model, no critic", "grpo_rm"),
             ("RLAIF", "RM on an AI judge's labels", "rlaif"),
-            ("DPO onl.", "its own pairs, human-labelled", "online_dpo")]
+            ("DPO onl.", "own pairs, human labels", "online_dpo")]
     for name, signal, key in rows:
         if key in s:
             r = s[key]

@@ -120,7 +120,7 @@ def plot_frontier(points: list[dict], optimum: float, demonstrators: float, path
     styles = {"SFT": ("k", "s"), "PPO": ("tab:blue", "o"), "PPO β=0": ("tab:red", "x"),
               "DPO": ("tab:green", "^"), "PPO gold": ("tab:cyan", "*"), "RFT": ("tab:olive", "D"),
               "GRPO": ("tab:brown", "v"), "GRPO RM": ("tab:pink", "v"),
-              "RLAIF": ("tab:gray", "P")}
+              "RLAIF": ("tab:gray", "P"), "DPO online": ("darkgreen", "^")}
     seen = set()
     for p in points:
         color, marker = styles.get(p["method"], ("gray", "."))
@@ -210,11 +210,13 @@ def plot_rlaif(summary: dict, path: str) -> str:
 
 def _overopt_panel(ax, points: list[dict], fit: dict, peak: dict | None, color) -> None:
     """One reward model on one panel: measured gold (markers, solid), Gao et al.'s fitted curve
-    (dotted), the proxy in gold units aligned at d = 0 (dashed) and the measured peak (star)."""
+    (dotted), the proxy in gold units aligned at d = 0 (dashed) and the measured peak (star).
+    Points are joined in order of d: a PPO run's KL can step back between evaluations."""
     import numpy as np
     from .overoptimization import gao_curve
     if not points:
         return
+    points = sorted(points, key=lambda p: p["d"])
     d = [p["d"] for p in points]
     ax.plot(d, [p["gold"] for p in points], "o-", color=color, markersize=3, lw=1.2)
     if "error" not in fit:
