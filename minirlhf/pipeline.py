@@ -155,7 +155,8 @@ def parse_args(argv=None):
     parser.add_argument("--all", action="store_true",
                         help="also the methods beyond the reward model: PPO with the gold "
                              "reward, RFT and GRPO with the verifier, GRPO with the reward "
-                             "model, and RLAIF (~16 min in all on 2 CPU cores)")
+                             "model, RLAIF, online DPO, best-of-n, and the overoptimization "
+                             "study (~27 min in all on 2 CPU cores)")
     parser.add_argument("--judge-pairs", type=int, nargs="+", default=[4000], metavar="N",
                         help="with --all: RLAIF judges trained on N human pairs each (default "
                              "4000); several N draw the curve of judge quality")
