@@ -348,13 +348,18 @@ class PPOConfig:
         return "k3" if self.kl_place == "loss" else "k1"
 
 
-def per_token_logprobs(model, tokens, attn_mask, device, with_entropy=False):
-    """log π(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T-1); optionally the entropy."""
+def per_token_logprobs(model, tokens, attn_mask, device, with_entropy=False, entropy_grad=True):
+    """log π(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T-1); optionally the entropy,
+    outside the autograd graph with entropy_grad=False (a statistic only: its backward through
+    a (B, T-1, V) softmax is a tenth of a minibatch's work)."""
     with autocast(device):
         logits = model(tokens, attn_mask)[:, :-1]                                  # (B, T-1, V)
     logits = logits.float()
     logp = token_logprobs(logits, tokens[:, 1:])                                    # (B, T-1)
-    return (logp, token_entropy(logits)) if with_entropy else logp
+    if not with_entropy:
+        return logp
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, token_entropy(logits)
 
 
 def state_values(value_model, tokens, attn_mask, device):
@@ -462,12 +467,16 @@ def compute_advantages(ro: Rollout, beta: float, cfg: PPOConfig, dist):
 
 
 def ppo_update(policy, value_model, policy_opt, value_opt, ro: Rollout, advantages, returns,
-               value_mask, beta: float, cfg: PPOConfig, it: int, dist) -> dict:
+               value_mask, beta: float, cfg: PPOConfig, it: int, dist,
+               entropy_grad: bool | None = None) -> dict:
     """Phase 3: --epochs passes over shuffled minibatches of the rollout; on each, one AdamW step
     of π_θ and of V_ψ on L_PPO = L^CLIP − c1·L^VF + c2·H (lecture ch. 4), or without a value
     model of π_θ on `grpo_loss` (β·D_KL in it with --kl-in loss). `policy` and `value_model` are
     the forward passes to train through (DDP-wrapped under torchrun; value_model None without a
-    critic). Returns each statistic's mean over the minibatches."""
+    critic). The entropy H joins the graph only when c2 ≠ 0 (entropy_grad None; True forces it:
+    the reference path, the same gradients). Returns each statistic's mean over the
+    minibatches."""
+    entropy_grad = cfg.ent_coef != 0 if entropy_grad is None else entropy_grad
     beta = beta if cfg.kl_place == "loss" else 0.0  # in the reward instead: compute_advantages
     tokens, attn_mask, device = ro.gen.tokens, ro.gen.attn_mask, dist.device
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + it)
@@ -478,7 +487,7 @@ def ppo_update(policy, value_model, policy_opt, value_opt, ro: Rollout, advantag
                 cfg.minibatch_size // dist.world_size):
             mb = mb.to(device)
             logp, entropy = per_token_logprobs(policy, tokens[mb], attn_mask[mb], device,
-                                               with_entropy=True)
+                                               with_entropy=True, entropy_grad=entropy_grad)
             if value_model is not None:
                 values = state_values(value_model, tokens[mb], attn_mask[mb], device)
                 loss, stats = ppo_loss(logp, ro.old_logp[mb], advantages[mb], values,

@@ -8,7 +8,9 @@ world's verifier) is made once; then phase 2 and 3 of an iteration (`compute_adv
 `ppo_update`) are timed on it, interleaved, for PPO (GAE, a value model trained beside the
 policy, β·KL in the reward) and for GRPO (group-normalised advantages, no value model, β·k3 in
 the loss). Each timed update starts from the same weights and optimizer state (fresh copies), so
-both do the same work every repeat. Prints the median seconds of each and their ratio.
+both do the same work every repeat. Prints the median seconds of each and their ratio; and
+PPO's update with the entropy backpropagated although c2 = 0 (the reference path, the same
+weights: tests/test_fast_path.py) beside the default that keeps it out of the graph.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def main(argv=None):
     start_state = copy.deepcopy((policy.state_dict(), value.state_dict(),
                                  opts["policy"].state_dict(), opts["value"].state_dict()))
 
-    def update(run_cfg, with_value: bool):
+    def update(run_cfg, with_value: bool, entropy_grad: bool | None = None):
         policy.load_state_dict(start_state[0])
         value.load_state_dict(start_state[1])
         opts["policy"].load_state_dict(start_state[2])
@@ -92,20 +94,23 @@ def main(argv=None):
         advantages, returns, value_mask = train_ppo.compute_advantages(ro, 0.2, run_cfg, dist)
         train_ppo.ppo_update(policy, value if with_value else None, opts["policy"],
                              opts["value"], ro, advantages, returns, value_mask, 0.2, run_cfg,
-                             0, dist)
+                             0, dist, entropy_grad=entropy_grad)
         return time.perf_counter() - t
 
-    times = {"ppo": [], "grpo": []}
-    update(ppo, True), update(grpo, False)  # warm-up
-    for _ in range(cfg.repeats):  # interleaved, so machine noise hits both alike
+    times = {"ppo": [], "grpo": [], "ppo_entropy_in_graph": []}
+    update(ppo, True), update(grpo, False), update(ppo, True, True)  # warm-up
+    for _ in range(cfg.repeats):  # interleaved, so machine noise hits all alike
         times["ppo"].append(update(ppo, True))
         times["grpo"].append(update(grpo, False))
+        times["ppo_entropy_in_graph"].append(update(ppo, True, True))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {"benchmark": "update_cost", "policy": cfg.policy or "random",
            "params": sum(p.numel() for p in policy.parameters()),
            "responses": len(ro.prompts), "mean_response_tokens": ro.mask.sum(-1).float().mean()
            .item(), "repeats": cfg.repeats, "ppo_update_seconds": med["ppo"],
            "grpo_update_seconds": med["grpo"], "grpo_over_ppo": med["grpo"] / med["ppo"],
+           "ppo_entropy_in_graph_seconds": med["ppo_entropy_in_graph"],
+           "ppo_over_entropy_in_graph": med["ppo"] / med["ppo_entropy_in_graph"],
            "dtype": "bf16-autocast" if uses_bf16(device) else "float32",
            **environment(device, dtype=False)}
     print(json.dumps(out) if cfg.json else "\n".join(f"{k}: {v}" for k, v in out.items()))

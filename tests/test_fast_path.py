@@ -234,3 +234,44 @@ def test_pad_batch_rounds_lengths_under_bf16_only(precision, name, width):
     assert tokens.shape == (2, width)
     assert attn_mask.sum(1).tolist() == [11, 4] and loss_mask.sum(1).tolist() == [9, 3]
     assert (tokens[:, 11:] == 0).all()
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
+def test_ppo_update_without_the_entropy_in_the_graph_takes_the_same_steps(ent_coef):
+    """With c2 = 0 the update keeps the entropy out of the autograd graph (a statistic only): the
+    same weights, value model and statistics as the reference path that backpropagates through
+    it, bit for bit; with c2 ≠ 0 it stays in the graph, and the bonus moves the weights."""
+    import copy
+
+    import train_ppo
+    from minirlhf.distributed import Dist
+    from minirlhf.graders import make_reward
+    from minirlhf.world import World, world_tokenizer
+    tok = world_tokenizer(512)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                           n_embd=32))
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    value = ScalarHeadModel.from_gpt(policy)
+    dist = Dist(0, 1, torch.device("cpu"))
+    cfg = train_ppo.PPOConfig(prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=16,
+                              minibatch_size=4, reward="verifier", ent_coef=ent_coef)
+    prompts = [p.text for p in World(0).train_prompts]
+    ro = train_ppo.rollout(policy, policy, ref, make_reward("verifier"), value, tok, prompts,
+                           cfg, 0, dist)
+    advantages, returns, value_mask = train_ppo.compute_advantages(ro, 0.2, cfg, dist)
+
+    def update(entropy_grad):
+        p, v = copy.deepcopy(policy), copy.deepcopy(value)
+        stats = train_ppo.ppo_update(p, v, make_optimizer(p, 1e-3, 0.0),
+                                     make_optimizer(v, 1e-3, 0.0), ro, advantages, returns,
+                                     value_mask, 0.2, cfg, 0, dist, entropy_grad=entropy_grad)
+        return p.state_dict(), v.state_dict(), stats
+    fast, reference = update(None), update(True)
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(fast[:2], reference[:2]) for k in a)
+    assert fast[2] == reference[2]
+    if ent_coef == 0:
+        assert same
+    else:  # the default keeps the bonus's gradient: leaving it out gives other weights
+        assert same and not all(torch.equal(a, b) for a, b in zip(
+            update(False)[0].values(), fast[0].values()))
