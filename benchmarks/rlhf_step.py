@@ -34,7 +34,9 @@ TRL (1.16 has no PPOTrainer: PPO was removed from TRL; RLOOTrainer and GRPOTrain
 TRL's step time is the median gap between consecutive `on_step_end` callbacks after warm-up,
 so it includes its data collation and bookkeeping, as ours includes padding. Ratios are
 ours / TRL seconds per step: below 1, ours is faster. Each side uses its own optimizer defaults
-(reported). On CUDA both run bf16 autocast.
+(reported). On CUDA both run bf16 autocast; on a CPU TRL runs float32 and ours --precision (auto:
+bf16 autocast on bf16-native CPUs), so `--precision fp32` compares like with like there; "dtype"
+and "trl_dtype" say what each side ran in.
 
 Left out on purpose: GRPOTrainer (RLOOTrainer is the closer match to our group baseline),
 vLLM generation, multi-GPU, TRL's own reward-model text path.
@@ -89,6 +91,8 @@ class BenchConfig:
     trl: bool = True                                  # also time TRL when it is importable
     seed: int = 0                                     # weights, prompts, sampling
     threads: int | None = None                        # CPU threads for torch (none: default)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # ours (auto: bf16 autocast on CUDA and
+                                                      # bf16-native CPUs); fp32 on a CPU matches TRL
     json: bool = False                                # print one JSON object and nothing else
 
     def check(self):
@@ -437,7 +441,8 @@ def main(argv=None):
                         "--minibatch-size B (TRL 1.16 has no PPOTrainer)",
             "trl_dpo": "TRL DPOTrainer (precompute_ref_log_probs) vs a train_dpo.py step"},
         "skipped": skipped,
-        **environment(device),
+        **environment(device),  # "dtype": ours
+        "trl_dtype": "bf16-autocast" if device.type == "cuda" else "float32",
     }
     print(json.dumps(report) if cfg.json else json.dumps(report, indent=1))
     return report

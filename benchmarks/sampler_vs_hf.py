@@ -15,7 +15,9 @@ prompts at temperature 1, no top-k / top-p: ours with end id -1 (never sampled, 
 HF with min_new_tokens = max_new_tokens (its end token is banned until the last step). That
 ban is the only difference in what is sampled. Tokens/s = batch × new_tokens / median seconds;
 the three paths run interleaved, `--repeats` times each after one warm-up.
-On CUDA both sides run under the same bf16 autocast; HF keeps its own DynamicCache.
+Both sides sample under the same `--precision` (fp32 by default, the precision the training
+scripts sample in; `--precision auto` is bf16 autocast on CUDA and bf16-native CPUs), reported
+as "dtype"; HF keeps its own DynamicCache.
 
 If `transformers` is not installed only our two paths run, and `skipped` says so.
 Left out on purpose: HF's static cache / compiled generation, beam search, real text prompts.
@@ -60,6 +62,9 @@ class BenchConfig:
     repeats: int = 3                                  # timed runs per path; the median is kept
     seed: int = 0                                     # weights, prompts and sampling
     threads: int | None = None                        # CPU threads for torch (none: default)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # both sides sample in it; fp32 is what
+                                                         # train_ppo.py samples in, auto: bf16
+                                                         # autocast on CUDA and bf16-native CPUs
     json: bool = False                                # print one JSON object and nothing else
 
     def check(self):

@@ -74,3 +74,29 @@ def test_an_unknown_step_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(["--out", str(tmp_path / "s.json"), "--only", "nope"])
     assert "--only: no step 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bf16-autocast")])
+def test_benchmarks_label_the_precision_their_paths_ran_in(precision, dtype):
+    """--precision reaches `autocast` through `common.start`, and "dtype" says what it was
+    (a bf16-native CPU used to be labelled float32 while ours ran bf16 autocast)."""
+    import dataclasses
+
+    import torch
+
+    import common
+    from minirlhf import device as device_module
+
+    @dataclasses.dataclass
+    class Config:
+        device: str = "cpu"
+        precision: str = "auto"
+    try:
+        cfg, dev = common.start(Config, ["--precision", precision], "bench")
+        assert device_module.uses_bf16(dev) == (precision == "bf16")
+        assert common.environment(dev)["dtype"] == dtype
+        with device_module.autocast(dev):
+            out = torch.ones(2, 2) @ torch.ones(2, 2)
+        assert out.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    finally:
+        device_module.set_precision("auto")
