@@ -55,7 +55,7 @@ from minirlhf.checkpoint import (CHECKPOINT, CheckpointError, check_compatible, 
                                  set_rng_state)
 from minirlhf.config import check_ranges, parse_config
 from minirlhf.data import DataError, hold_out, read_prompts
-from minirlhf.device import autocast, maybe_compile
+from minirlhf.device import autocast, maybe_compile, uses_bf16
 from minirlhf.distributed import masked_mean_var, mean_over_ranks, shard, wrap
 from minirlhf.masking import masked_mean, masked_var, masked_whiten, token_entropy, token_logprobs
 from minirlhf.model import ScalarHeadModel
@@ -390,11 +390,13 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(policy, fwd, ref, reward, value_model, tok, prompt_texts: list[str],
-            cfg: PPOConfig, it: int, dist) -> Rollout:
+            cfg: PPOConfig, it: int, dist, sampler_logprobs: bool = True) -> Rollout:
     """Phase 1 (no grad): sample k responses to each of this iteration's prompts from π_θ, then
     score them with the four models (lecture ch. 7, steps 1–2): `reward` is the reward model's
     score or a grader's (minirlhf/graders.py). `fwd` is the policy's forward for scoring
-    (compiled with --compile); sampling uses the plain `policy`."""
+    (compiled with --compile); sampling uses the plain `policy`. log π_θold comes from the
+    sampling pass where that is the same computation (`old_logprobs`); sampler_logprobs=False
+    always runs the fresh forward (the reference path)."""
     t0 = time.time()
     rng = np.random.default_rng([cfg.seed, it])
     chosen = rng.choice(len(prompt_texts), size=cfg.prompts_per_iter, replace=False)
@@ -409,7 +411,7 @@ def rollout(policy, fwd, ref, reward, value_model, tok, prompt_texts: list[str],
     t1 = time.time()
     tokens, attn_mask, device = gen.tokens, gen.attn_mask, dist.device            # (B, T)
     mask = gen.response_mask[:, 1:]                   # (B, T-1) targets that are response tokens
-    old_logp = per_token_logprobs(fwd, tokens, attn_mask, device)              # (B, T-1) π_θold
+    old_logp = old_logprobs(gen, fwd, policy, cfg, device, sampler_logprobs)   # (B, T-1) π_θold
     ref_logp = per_token_logprobs(ref, tokens, attn_mask, device)              # (B, T-1) π_ref
     old_values = (state_values(value_model, tokens, attn_mask, device)         # (B, T-1) V(s_t)
                   if value_model is not None else torch.zeros_like(old_logp))
@@ -421,6 +423,20 @@ def rollout(policy, fwd, ref, reward, value_model, tok, prompt_texts: list[str],
     check_finite(it + 1, proxy_reward=proxy.mean(), kl=kl.sum(-1).mean())  # name the cause
     return Rollout(prompts, gen, mask, old_logp, ref_logp, old_values, kl, proxy, score, seconds,
                    texts)
+
+
+def old_logprobs(gen: Generation, fwd, policy, cfg: PPOConfig, device,
+                 from_sampler: bool = True) -> torch.Tensor:
+    """log π_θold(y_t) of the rollout's tokens, (B, T-1). The sampler computed them already on
+    the response tokens (0 elsewhere, where the rollout's mask is 0) in float32, with the same
+    weights and dropout off: taken from there when the scoring forward would run in float32 too
+    (no bf16 autocast) at temperature 1 with dropout 0, where the two agree to 5e-6
+    (tests/test_fast_path.py). Otherwise, or with from_sampler=False, a fresh forward pass.
+    (Sampling in bf16 to use them there too cost PPO quality: docs/results.md.)"""
+    if (from_sampler and not uses_bf16(device) and cfg.temperature == 1.0
+            and policy.config.dropout == 0.0):
+        return gen.logprobs[:, 1:]                          # (B, T-1) from the sampling pass
+    return per_token_logprobs(fwd, gen.tokens, gen.attn_mask, device)
 
 
 def no_end_penalty(cfg: PPOConfig) -> float:

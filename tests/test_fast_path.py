@@ -275,3 +275,50 @@ def test_ppo_update_without_the_entropy_in_the_graph_takes_the_same_steps(ent_co
     else:  # the default keeps the bonus's gradient: leaving it out gives other weights
         assert same and not all(torch.equal(a, b) for a, b in zip(
             update(False)[0].values(), fast[0].values()))
+
+
+def tiny_rollouts(temperature=1.0):
+    """A PPO rollout of a tiny world GPT, with log π_θold from the sampler and from the fresh
+    forward (the reference path), from the same seed."""
+    import copy
+
+    import train_ppo
+    from minirlhf.distributed import Dist
+    from minirlhf.graders import make_reward
+    from minirlhf.world import World, world_tokenizer
+    tok = world_tokenizer(512)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2,
+                           n_embd=32))
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    cfg = train_ppo.PPOConfig(prompts_per_iter=8, samples_per_prompt=2, max_new_tokens=16,
+                              reward="verifier", temperature=temperature)
+    prompts = [p.text for p in World(0).train_prompts]
+    value = ScalarHeadModel.from_gpt(policy)
+    return [train_ppo.rollout(policy, policy, ref, make_reward("verifier"), value, tok, prompts,
+                              cfg, 0, Dist(0, 1, torch.device("cpu")), from_sampler)
+            for from_sampler in (True, False)]
+
+
+def test_in_float32_old_logprobs_come_from_the_sampler_and_match_a_fresh_forward(precision):
+    """In a float32 run the rollout takes log π_θold from the sampling pass instead of running
+    the policy again; on the response tokens it agrees with the fresh forward (the reference
+    path) to 1e-5, and everything else in the rollout is identical."""
+    precision("fp32")
+    fast, reference = tiny_rollouts()
+    assert torch.equal(fast.gen.tokens, reference.gen.tokens)
+    diff = (fast.old_logp - reference.old_logp)[fast.mask].abs()
+    assert 0 < diff.max() <= 1e-5  # not the same tensor: the sampler's own numbers
+    for name in ("ref_logp", "old_values", "proxy", "score"):
+        assert torch.equal(getattr(fast, name), getattr(reference, name)), name
+
+
+@pytest.mark.parametrize("name, temperature", [("bf16", 1.0), ("fp32", 0.7)])
+def test_under_bf16_or_another_temperature_old_logprobs_come_from_a_fresh_forward(
+        precision, name, temperature):
+    """Under bf16 autocast the float32 sampler's log-probs are not what the bf16 forward
+    computes, and at temperature ≠ 1 they are of π/T: there the rollout runs the forward, exactly
+    as the reference path does."""
+    precision(name)
+    fast, reference = tiny_rollouts(temperature)
+    assert torch.equal(fast.old_logp, reference.old_logp)
