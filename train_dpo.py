@@ -243,10 +243,8 @@ class DPOConfig:
     def inner_paths(self) -> dict:
         """--labeller ai:DIR's judge, a stage folder (`training.check_paths`), when a round
         needs it."""
-        return {"labeller": (self.judge_dir(), "stage")} if self.online_judge() else {}
-
-    def online_judge(self) -> str | None:
-        return self.judge_dir() if self.rounds > 1 else None
+        judged = self.judge_dir() and self.rounds > 1
+        return {"labeller": (self.judge_dir(), "stage")} if judged else {}
 
     @property
     def total_steps(self) -> int:
@@ -382,11 +380,10 @@ def round_at(step: int, cfg: DPOConfig) -> int:
 
 
 def round_labeller(cfg: DPOConfig, tok, train_prompts: list[str], block_size: int, device):
-    """labels(rows, seed) -> (rows, info) for online DPO's rounds (None with one round): each
-    row's (chosen, rejected) = the pair as sampled, relabelled by the built-in world's labeller
+    """labels(rows, seed) -> rows for online DPO's rounds (None with one round): each row's
+    (chosen, rejected) = the pair as sampled, relabelled by the built-in world's labeller
     (Bradley–Terry on the gold score, as the --data pairs were) or by a reward-model judge
-    (--labeller ai:DIR, RLAIF: σ(r_a − r_b), as train_rm.py's). info: the judge's agreement
-    with the rows' order is meaningless here (it is the sampling order), so only its size."""
+    (--labeller ai:DIR, RLAIF: σ(r_a − r_b), as train_rm.py's)."""
     if cfg.rounds == 1:
         return None
     if cfg.judge_dir() is None:
@@ -396,9 +393,11 @@ def round_labeller(cfg: DPOConfig, tok, train_prompts: list[str], block_size: in
 
         def world_labels(rows, seed):
             rng = np.random.default_rng(seed)
-            return [dict(zip(("prompt", "chosen", "rejected"),
-                             (r["prompt"], *label_pair(r["prompt"], r["chosen"], r["rejected"],
-                                                       rng)))) for r in rows]
+            labelled = []
+            for r in rows:
+                chosen, rejected = label_pair(r["prompt"], r["chosen"], r["rejected"], rng)
+                labelled.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
+            return labelled
         return world_labels
     judge = load_judge(cfg, tok, block_size, device)
     return lambda rows, seed: relabel_with_judge(judge, tok, rows, device, seed)[0]
@@ -420,10 +419,11 @@ def round_pairs(cfg: DPOConfig, rnd: int, policy, ref, tok, train_prompts: list[
     distinct = list(dict.fromkeys(train_prompts))
     rows = make_pairs(policy, tok, distinct, cfg.round_pairs, seed, 1.0, cfg.max_new_tokens,
                       cfg.round_samples, label=lambda p, a, b, rng: (a, b))  # unlabelled
-    rows = [r for r in labels(rows, seed)
-            if max(len(tok.render(r["prompt"], r[k])[0]) for k in ("chosen", "rejected"))
-            <= policy.config.block_size]
+    rows = labels(rows, seed)
     pairs = encode_pairs(rows, tok)
+    fits = [max(len(c), len(r)) <= policy.config.block_size for c, r, _ in pairs]
+    rows = [r for r, ok in zip(rows, fits) if ok]  # a re-encoded response may run longer
+    pairs = [p for p, ok in zip(pairs, fits) if ok]
     reference = policy if cfg.reference == "previous" else ref
     ref_logp = precompute_reference(reference, pairs, tok, dist.device, cfg.batch_size)
     if dist.is_main:

@@ -350,8 +350,8 @@ class PPOConfig:
 
 def per_token_logprobs(model, tokens, attn_mask, device, with_entropy=False, entropy_grad=True):
     """log π(tokens[:, t+1] | tokens[:, :t+1]) for every t: (B, T-1); optionally the entropy,
-    outside the autograd graph with entropy_grad=False (a statistic only: its backward through
-    a (B, T-1, V) softmax is a tenth of a minibatch's work)."""
+    outside the autograd graph with entropy_grad=False (a statistic only, no backward through
+    its (B, T-1, V) softmax)."""
     with autocast(device):
         logits = model(tokens, attn_mask)[:, :-1]                                  # (B, T-1, V)
     logits = logits.float()
@@ -432,7 +432,7 @@ def old_logprobs(gen: Generation, fwd, policy, cfg: PPOConfig, device,
     weights and dropout off: taken from there when the scoring forward would run in float32 too
     (no bf16 autocast) at temperature 1 with dropout 0, where the two agree to 5e-6
     (tests/test_fast_path.py). Otherwise, or with from_sampler=False, a fresh forward pass.
-    (Sampling in bf16 to use them there too cost PPO quality: docs/results.md.)"""
+    (Sampling in bf16 to use them there too was tried, not adopted: docs/results.md.)"""
     if (from_sampler and not uses_bf16(device) and cfg.temperature == 1.0
             and policy.config.dropout == 0.0):
         return gen.logprobs[:, 1:]                          # (B, T-1) from the sampling pass

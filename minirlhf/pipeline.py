@@ -272,20 +272,17 @@ def online_dpo_and_overoptimization(args, ppo, rm, dpo) -> dict:
     validation prompt."""
     out = args.out
     cfgs = {"online_dpo": dataclasses.replace(dpo, out=f"{out}/online_dpo", rounds=4)}
+    long_run = {"kl_coef": OVEROPT_PPO["kl_coef"]} if args.quick else OVEROPT_PPO
     for n in overoptimization_sizes(args, rm):
-        rm_dir = f"{out}/overoptimization/rm_{n}"
-        if n == rm.n_pairs:
-            rm_dir = rm.out
-        else:
+        rm_dir = rm.out if n == rm.n_pairs else f"{out}/overoptimization/rm_{n}"
+        if n != rm.n_pairs:
             steps = min(rm.max_steps, max(2, 4 * n // rm.batch_size))
             cfgs[f"rm_{n}"] = dataclasses.replace(
                 rm, out=rm_dir, make_pairs=False, data=f"{out}/rm/prefs.jsonl",
                 val_data=f"{out}/rm/prefs_val.jsonl", test_data=f"{out}/rm/prefs_test.jsonl",
                 max_pairs=n, max_steps=steps, eval_every=max(1, steps // 5))
-        long_run = {} if args.quick else OVEROPT_PPO
         cfgs[f"ppo_rm_{n}"] = dataclasses.replace(
-            ppo, out=f"{out}/overoptimization/ppo_{n}", rm=rm_dir,
-            **{"kl_coef": OVEROPT_PPO["kl_coef"], **long_run})
+            ppo, out=f"{out}/overoptimization/ppo_{n}", rm=rm_dir, **long_run)
     return cfgs
 
 
@@ -533,8 +530,8 @@ def best_of_n(args, ppo_cfg, models) -> dict:
 def overoptimization(args, cfgs: dict, results: dict, models, main_bon: dict) -> dict:
     """--all's overoptimization study (minirlhf/overoptimization.py). For each reward model:
     best-of-n of the SFT policy with it as the selector (the RM stage's is `best_of_n`'s), and
-    its PPO run's evaluations (gold, KL and the reward model's score of one sample per
-    validation prompt), led by the SFT policy evaluated the same way as the run's step 0."""
+    its PPO run's evaluations (gold, KL and the reward model's score of --eval-repeats samples
+    per validation prompt), led by the SFT policy evaluated the same way as the run's step 0."""
     t0 = time.time()
     sft_policy, tok, main_rm, device = models
     rm_cfg, per_rm = cfgs["rm"], {}

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from .overoptimization import gao_curve
 from .training import read_metrics
 from .world import BT_TEMPERATURE
 
@@ -212,8 +215,6 @@ def _overopt_panel(ax, points: list[dict], fit: dict, peak: dict | None, color) 
     """One reward model on one panel: measured gold (markers, solid), Gao et al.'s fitted curve
     (dotted), the proxy in gold units aligned at d = 0 (dashed) and the measured peak (star).
     Points are joined in order of d: a PPO run's KL can step back between evaluations."""
-    import numpy as np
-    from .overoptimization import gao_curve
     if not points:
         return
     points = sorted(points, key=lambda p: p["d"])
