@@ -59,7 +59,8 @@ class BenchConfig:
     shape: Literal["world", "gpt2"] = "world"         # world: the built-in model; gpt2: 124M
     batches: str = "1,64"                             # comma-separated batch sizes to time
     new_tokens: int | None = None                     # tokens per row (none: 64 world, 128 gpt2)
-    repeats: int = 3                                  # timed runs per path; the median is kept
+    repeats: int = 5                                  # timed runs per path; the median is kept
+    naive: bool = True                                # also time ours without the KV cache
     seed: int = 0                                     # weights, prompts and sampling
     threads: int | None = None                        # CPU threads for torch (none: default)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"  # both sides sample in it; fp32 is what
@@ -154,7 +155,8 @@ def main(argv=None):
         prompts = random_prompts(batch, prompt_len, model_cfg.vocab_size, g)
         paths = {name: (lambda c=use_cache: run_ours(model, prompts, new_tokens, cfg.seed,
                                                      device, c))
-                 for name, use_cache in (("ours_naive", False), ("ours_cache", True))}
+                 for name, use_cache in (("ours_naive", False), ("ours_cache", True))
+                 if use_cache or cfg.naive}
         if hf is not None:
             paths["hf"] = lambda: run_hf(hf, prompts, new_tokens, cfg.seed, device, eos_id)
         for fn in paths.values():  # warm-up; also checks every path makes new_tokens tokens
@@ -173,7 +175,7 @@ def main(argv=None):
             row[f"{name}_seconds"] = round(s, 4)
             row[f"{name}_tokens_per_s"] = round(batch * new_tokens / s, 1)
         if hf is not None:
-            for name in ("ours_cache", "ours_naive"):
+            for name in [n for n in ("ours_cache", "ours_naive") if n in paths]:
                 row[f"{name}_over_hf"] = round(row[f"{name}_tokens_per_s"]
                                                / row["hf_tokens_per_s"], 3)
         results[f"batch_{batch}"] = row
