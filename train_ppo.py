@@ -64,8 +64,9 @@ from minirlhf.rl import (AdaptiveKLController, FixedKLController, bandit_advanta
                          kl_penalised_return, kl_penalised_rewards, token_kl)
 from minirlhf.sampler import Generation, generate
 from minirlhf.tokenizer import TokenizerError
-from minirlhf.training import (NonFiniteError, check_finite, fail, guarded_run, make_optimizer,
-                               open_log, read_metrics, set_lr, start_run, write_json)
+from minirlhf.training import (NonFiniteError, by_length, check_finite, fail, guarded_run,
+                               live_columns, make_optimizer, open_log, read_metrics, set_lr,
+                               start_run, write_json)
 from minirlhf.evaluate import evaluate, evaluation_prompts, final_evaluation, write_samples
 from minirlhf.graders import GraderError, all_world_prompts, make_reward
 from minirlhf.world import World, correct, gold_reward, is_world_prompt
@@ -412,8 +413,10 @@ def rollout(policy, fwd, ref, reward, value_model, tok, prompt_texts: list[str],
     tokens, attn_mask, device = gen.tokens, gen.attn_mask, dist.device            # (B, T)
     mask = gen.response_mask[:, 1:]                   # (B, T-1) targets that are response tokens
     old_logp = old_logprobs(gen, fwd, policy, cfg, device, sampler_logprobs)   # (B, T-1) π_θold
-    ref_logp = per_token_logprobs(ref, tokens, attn_mask, device)              # (B, T-1) π_ref
-    old_values = (state_values(value_model, tokens, attn_mask, device)         # (B, T-1) V(s_t)
+    ref_logp = by_length(lambda x, m: per_token_logprobs(ref, x, m, device),   # (B, T-1) π_ref
+                         tokens, attn_mask, device)
+    old_values = (by_length(lambda x, m: state_values(value_model, x, m, device),
+                            tokens, attn_mask, device)                         # (B, T-1) V(s_t)
                   if value_model is not None else torch.zeros_like(old_logp))
     texts = [tok.decode(ids) for ids in gen.responses()]
     proxy = reward(tokens, attn_mask, gen.ended, prompts, texts)                 # (B,) R(x, y)
@@ -436,7 +439,8 @@ def old_logprobs(gen: Generation, fwd, policy, cfg: PPOConfig, device,
     if (from_sampler and not uses_bf16(device) and cfg.temperature == 1.0
             and policy.config.dropout == 0.0):
         return gen.logprobs[:, 1:]                          # (B, T-1) from the sampling pass
-    return per_token_logprobs(fwd, gen.tokens, gen.attn_mask, device)
+    return by_length(lambda x, m: per_token_logprobs(fwd, x, m, device), gen.tokens,
+                     gen.attn_mask, device)
 
 
 def no_end_penalty(cfg: PPOConfig) -> float:
@@ -502,18 +506,20 @@ def ppo_update(policy, value_model, policy_opt, value_opt, ro: Rollout, advantag
         for mb in torch.randperm(len(tokens), generator=g).split(
                 cfg.minibatch_size // dist.world_size):
             mb = mb.to(device)
-            logp, entropy = per_token_logprobs(policy, tokens[mb], attn_mask[mb], device,
-                                               with_entropy=True, entropy_grad=entropy_grad)
+            cols = live_columns(attn_mask[mb], device)  # drop columns that are padding in all
+            x, x_mask = tokens[mb][:, cols], attn_mask[mb][:, cols]                # (b, T')
+            t = slice(cols.start, cols.stop - 1)  # (B, T-1) columns of those targets
+            logp, entropy = per_token_logprobs(policy, x, x_mask, device, with_entropy=True,
+                                               entropy_grad=entropy_grad)           # (b, T'-1)
+            old_logp, adv, mask = ro.old_logp[mb, t], advantages[mb, t], ro.mask[mb, t]
             if value_model is not None:
-                values = state_values(value_model, tokens[mb], attn_mask[mb], device)
-                loss, stats = ppo_loss(logp, ro.old_logp[mb], advantages[mb], values,
-                                       ro.old_values[mb], returns[mb], ro.mask[mb], entropy,
-                                       cfg.clip_eps, cfg.vf_coef, cfg.ent_coef, cfg.value_clip,
-                                       value_mask[mb])
+                values = state_values(value_model, x, x_mask, device)
+                loss, stats = ppo_loss(logp, old_logp, adv, values, ro.old_values[mb, t],
+                                       returns[mb, t], mask, entropy, cfg.clip_eps, cfg.vf_coef,
+                                       cfg.ent_coef, cfg.value_clip, value_mask[mb, t])
             else:  # critic-free: RLOO or GRPO
-                loss, stats = grpo_loss(logp, ro.old_logp[mb], ro.ref_logp[mb], advantages[mb],
-                                        ro.mask[mb], entropy, beta, cfg.clip_eps, cfg.ent_coef,
-                                        cfg.kl_sample)
+                loss, stats = grpo_loss(logp, old_logp, ro.ref_logp[mb, t], adv, mask, entropy,
+                                        beta, cfg.clip_eps, cfg.ent_coef, cfg.kl_sample)
             check_finite(it + 1, loss=loss)  # it + 1: the iteration as the log numbers it
             loss.backward()
             clip_and_step(policy, policy_opt, cfg.grad_clip, it + 1, "policy_grad_norm")

@@ -22,9 +22,9 @@ padded to a multiple of 64 rows for the tensor cores (GPTConfig.pad_vocab_multip
 steps also run on the plain paths — unfused AdamW, eager (with --compile), the explicit
 (B, 1, T, T) attention mask instead of `is_causal` (which keeps SDPA off its flash kernel), and
 float32 with none of it — interleaved step by step so machine noise hits all alike; `ratios`
-give fast / plain throughput. On CPU the paths are what the scripts do there: bf16 autocast on
-CPUs with AMX or AVX512-BF16 (attention in float32, minirlhf/device.py) beside float32, and
-float32 with the explicit mask; elsewhere float32 alone.
+give fast / plain throughput. On CPU the first path is what the scripts do there: fused AdamW,
+with bf16 autocast on CPUs with AMX or AVX512-BF16 (attention in float32, minirlhf/device.py);
+beside it unfused AdamW, float32 with the explicit mask, and plain float32 with neither.
 
 Left out on purpose: data loading (random tokens), gradient accumulation, DDP, activation
 checkpointing.
@@ -147,16 +147,19 @@ def choose_paths(cfg, device) -> tuple[list, list[str]]:
         if not cfg.compile:
             skipped.append("compile vs eager: pass --compile")
     else:
-        paths = [Variant("plain", bf16=False, fused=False, compiled=False)]
-        if native_bf16(device):  # AMX or AVX512-BF16: the scripts run bf16 here (device.py)
-            paths.insert(0, Variant("bf16", bf16=True, fused=False, compiled=False))
-        else:
+        bf16 = native_bf16(device)  # AMX or AVX512-BF16: the scripts run bf16 here (device.py)
+        paths = [Variant("bf16" if bf16 else "fused_adamw", bf16=bf16, fused=True,
+                         compiled=False)]
+        if not bf16:
             skipped.append("bf16: this CPU has neither AMX nor AVX512-BF16 "
                            "(the scripts stay in float32 here)")
         if cfg.compare:
+            if bf16:
+                paths.append(Variant("unfused_adamw", bf16=True, fused=False, compiled=False))
             paths.append(Variant("explicit_mask", bf16=False, fused=False, compiled=False,
                                  causal=False))
-        skipped.append("fused AdamW, compile: CUDA only")
+        paths.append(Variant("plain", bf16=False, fused=False, compiled=False))
+        skipped.append("compile: CUDA only")
         if cfg.compile:
             skipped.append("--compile: CUDA only")
     return paths, skipped

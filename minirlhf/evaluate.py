@@ -25,6 +25,7 @@ from .data import read_prompts, write_jsonl
 from .device import autocast
 from .masking import token_logprobs
 from .sampler import generate
+from .training import by_length
 from .world import (BT_TEMPERATURE, Prompt, PromptLike, World, correct, gold_reward,
                     is_world_prompt, optimal_score)
 
@@ -67,9 +68,10 @@ def evaluate(policy, tokenizer, prompts: Sequence[PromptLike], *, ref=None,
                      pad_id=tokenizer.pad_id, temperature=temperature, generator=gen)
         kl = reward_of = None
         if ref is not None and temperature == 1.0:
-            with torch.no_grad():
-                ref_logits = ref(g.tokens, g.attn_mask)                              # (B, T, V)
-            ref_logp = token_logprobs(ref_logits[:, :-1].float(), g.tokens[:, 1:])  # (B, T-1)
+            with torch.no_grad():                                                 # (B, T-1)
+                ref_logp = by_length(lambda x, m: token_logprobs(ref(x, m)[:, :-1].float(),
+                                                                 x[:, 1:]),
+                                     g.tokens, g.attn_mask, g.tokens.device)
             mask = g.response_mask[:, 1:]
             kl = torch.where(mask, g.logprobs[:, 1:] - ref_logp, 0.0).sum(-1).tolist()  # (B,)
             kls += kl
@@ -227,8 +229,9 @@ def reward_model_scorer(reward_model, device, no_end_penalty: float = 0.0):
     """`evaluate`'s reward: the reward model's score r_φ(x, y) of each sampled response, plus
     `no_end_penalty` for a response that never ended (as PPO's rollout scores it)."""
     def score(tokens, attn_mask, ended, prompts=None, responses=None):
-        with autocast(device):
-            r = reward_model.score(tokens, attn_mask).float()                       # (B,)
+        with autocast(device):                                                      # (B,)
+            r = by_length(lambda x, m: reward_model.score(x, m).float(), tokens, attn_mask,
+                          device)
         return r + no_end_penalty * (~ended).float()
     return score
 

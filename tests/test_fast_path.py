@@ -53,11 +53,8 @@ def test_fused_adamw_takes_the_same_steps_as_unfused(device):
     does: after 5 steps (float32) they agree to 1e-6."""
     plain_model, fused_model = tiny_gpt(device), tiny_gpt(device)
     plain_opt = adamw(plain_model, fused=False)
-    if device == "cuda":
-        fused_opt = make_optimizer(fused_model, lr=1e-3, weight_decay=0.1)  # what scripts use
-        assert fused_opt.defaults["fused"], "make_optimizer should fuse AdamW on CUDA"
-    else:
-        fused_opt = adamw(fused_model, fused=True)
+    fused_opt = make_optimizer(fused_model, lr=1e-3, weight_decay=0.1)  # what scripts use
+    assert fused_opt.defaults["fused"], "make_optimizer should fuse AdamW"
     tokens, attn_mask = batch(device)
     for step in range(5):
         logits = plain_model(tokens, attn_mask)                                    # (B, T, V)
@@ -74,12 +71,6 @@ def test_fused_adamw_takes_the_same_steps_as_unfused(device):
     assert moved > 1e-3, "the optimizer did not move the parameters; the test proves nothing"
     for (name, p), q in zip(plain_model.named_parameters(), fused_model.parameters()):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
-def test_make_optimizer_stays_unfused_on_cpu():
-    """On CPU the scripts keep the plain for-loop AdamW (the fused kernel is a CUDA fast path)."""
-    opt = make_optimizer(tiny_gpt("cpu"), lr=1e-3, weight_decay=0.1)
-    assert not opt.defaults["fused"]
 
 
 @pytest.fixture
@@ -322,3 +313,103 @@ def test_under_bf16_or_another_temperature_old_logprobs_come_from_a_fresh_forwar
     precision(name)
     fast, reference = tiny_rollouts(temperature)
     assert torch.equal(fast.old_logp, reference.old_logp)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_live_columns_cover_every_real_token(precision, name):
+    """`live_columns` keeps every column holding a real token and drops only columns that are
+    padding in every row; under bf16 its width is a multiple of 8 (or the whole batch)."""
+    from minirlhf.training import live_columns
+    precision(name)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        B, T = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 6), (2, 40)))
+        starts = torch.randint(0, T, (B,), generator=g)
+        stops = starts + 1 + (torch.rand(B, generator=g) * (T - starts)).long()
+        cols = torch.arange(T)
+        attn_mask = (cols >= starts[:, None]) & (cols < stops[:, None])           # (B, T)
+        span = live_columns(attn_mask, "cpu")
+        kept = torch.zeros(T, dtype=torch.bool)
+        kept[span] = True
+        assert not attn_mask[:, ~kept].any()
+        width = span.stop - span.start
+        assert (width % 8 == 0 or width == T) if name == "bf16" else (
+            attn_mask[:, span.start].any() and attn_mask[:, span.stop - 1].any())
+
+
+def test_ppo_update_on_the_live_columns_takes_the_reference_steps(precision, monkeypatch):
+    """Each minibatch runs forward on its own span of real tokens (`live_columns`); the reference
+    path runs the rollout's full width. Both give the same weights to 1e-5 and the same
+    statistics, and some minibatch really was narrower than the rollout."""
+    import copy
+
+    import train_ppo
+    from minirlhf.distributed import Dist
+    from minirlhf.graders import make_reward
+    from minirlhf.training import live_columns
+    from minirlhf.world import World, world_tokenizer
+    precision("fp32")
+    tok = world_tokenizer(512)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                           n_embd=32))
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    value = ScalarHeadModel.from_gpt(policy)
+    dist = Dist(0, 1, torch.device("cpu"))
+    cfg = train_ppo.PPOConfig(prompts_per_iter=8, samples_per_prompt=2, max_new_tokens=16,
+                              minibatch_size=2, reward="verifier")
+    prompts = [p.text for p in World(0).train_prompts]
+    ro = train_ppo.rollout(policy, policy, ref, make_reward("verifier"), value, tok, prompts,
+                           cfg, 0, dist)
+    advantages, returns, value_mask = train_ppo.compute_advantages(ro, 0.2, cfg, dist)
+    widths = []
+
+    def update(columns):
+        monkeypatch.setattr(train_ppo, "live_columns", columns)
+        p, v = copy.deepcopy(policy), copy.deepcopy(value)
+        stats = train_ppo.ppo_update(p, v, make_optimizer(p, 1e-3, 0.0),
+                                     make_optimizer(v, 1e-3, 0.0), ro, advantages, returns,
+                                     value_mask, 0.2, cfg, 0, dist)
+        return {**p.state_dict(), **{"v." + k: t for k, t in v.state_dict().items()}}, stats
+
+    def live(attn_mask, device):
+        widths.append(live_columns(attn_mask, device))
+        return widths[-1]
+    fast, fast_stats = update(live)
+    reference, reference_stats = update(lambda attn_mask, device: slice(0, attn_mask.shape[1]))
+    assert min(s.stop - s.start for s in widths) < ro.gen.tokens.shape[1]
+    for k in fast:
+        torch.testing.assert_close(fast[k], reference[k], atol=1e-5, rtol=0)
+    assert fast_stats.keys() == reference_stats.keys()
+    for k in fast_stats:
+        assert fast_stats[k] == pytest.approx(reference_stats[k], abs=1e-5, nan_ok=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_by_length_gives_the_whole_batch_values_on_real_tokens(precision, seed):
+    """`by_length` runs a forward on groups of rows of similar length, each over its own
+    columns: on every real target its per-token values (log-probs, V(s_t)) and its per-row
+    scores (r_φ at the last token) are those of one pass over the whole padded batch."""
+    import train_ppo
+    from minirlhf.sampler import generate
+    from minirlhf.training import by_length
+    precision("fp32")
+    torch.manual_seed(seed)
+    policy = GPT(GPTConfig(vocab_size=40, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
+    scalar = ScalarHeadModel.from_gpt(policy).eval()
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 40, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 9, (13,), generator=g)]
+    gen = generate(policy, prompts, 30, eos_id=3, pad_id=0, generator=g)  # rows end at 3
+    lengths = gen.attn_mask.sum(1)
+    assert lengths.max() > lengths.min() + 4, "rows of one length: nothing to group"
+    mask = gen.attn_mask[:, 1:] & gen.attn_mask[:, :-1]  # real targets read from real tokens
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for fn in (lambda x, m: train_ppo.per_token_logprobs(policy, x, m, cpu),
+                   lambda x, m: train_ppo.state_values(scalar, x, m, cpu)):
+            grouped, whole = by_length(fn, gen.tokens, gen.attn_mask, cpu), fn(gen.tokens,
+                                                                            gen.attn_mask)
+            torch.testing.assert_close(grouped[mask], whole[mask], atol=1e-5, rtol=0)
+        torch.testing.assert_close(by_length(scalar.score, gen.tokens, gen.attn_mask, cpu),
+                                   scalar.score(gen.tokens, gen.attn_mask), atol=1e-5, rtol=0)

@@ -325,3 +325,32 @@ def test_prompt_plus_new_tokens_beyond_block_size_raises():
     model = tiny_gpt(0)
     with pytest.raises(ValueError, match="block_size"):
         run(model, [[1] * 30], n=11)  # 30 + 11 > 40
+
+
+@given(rows=st.integers(1, 40), keys=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_decode_attention_equals_fused_attention(rows, keys, seed):
+    """The written-out attention of a decoding step (one query per row, minirlhf/model.py) is the
+    function F.scaled_dot_product_attention computes, with any keys masked out (the newest key,
+    the row's own token, is always allowed, as in the cache)."""
+    import torch.nn.functional as F
+    from minirlhf.model import decode_attention
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, 2, 1, 8, generator=g) * 3
+    k, v = (torch.randn(rows, 2, keys, 8, generator=g) * 3 for _ in range(2))
+    allowed = torch.rand(rows, 1, 1, keys, generator=g) < 0.6
+    allowed[..., -1] = True
+    torch.testing.assert_close(decode_attention(q, k, v, allowed),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_many_rows_with_and_without_cache_draw_the_same_tokens(seed):
+    """From 32 rows on a decoding step takes the written-out attention: with 40 ragged prompts
+    and an end token, the cached path still draws the reference path's tokens and log-probs."""
+    model, prompts = tiny_gpt(seed), ragged_prompts(seed, n=40)
+    eos = int(run(model, prompts, n=16, seed=seed).tokens[:, -8:].flatten().mode().values)
+    fast = run(model, prompts, n=16, seed=seed, eos_id=eos, use_cache=True)
+    slow = run(model, prompts, n=16, seed=seed, eos_id=eos, use_cache=False)
+    assert torch.equal(fast.tokens, slow.tokens)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
