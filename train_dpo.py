@@ -497,10 +497,12 @@ def response_logprobs(model, pairs, tok, device):
 def precompute_reference(ref, pairs, tok, device, batch_size=256) -> torch.Tensor:
     """log π_ref(y_w|x), log π_ref(y_l|x) for every pair: (N, 2). The reference is frozen, so
     these numbers never change — computing them once halves the cost of every step. Batches of
-    whole groups (`pair_groups`), so a response shared by several pairs is run once."""
+    whole groups (`pair_groups`), so a response shared by several pairs is run once, taken in
+    order of length, so a batch is padded to about its own rows' length."""
     result = torch.empty(len(pairs), 2)
     chunk: list[int] = []
-    groups = pair_groups(pairs)
+    groups = sorted(pair_groups(pairs), key=lambda g: max(len(pairs[i][0]) + len(pairs[i][1])
+                                                          for i in g))
     bar = tqdm(total=len(pairs), desc="reference log-probs", leave=False, disable=None)
     for j, g in enumerate(groups):
         chunk += g
