@@ -31,31 +31,24 @@ default precision (`auto`: bf16 autocast on CUDA and bf16-native CPUs), reported
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, fail, start  # noqa: E402
 import train_ppo  # noqa: E402
 from hf_twin import hf_available, hf_lm, hf_scalar, hf_tokenizer, offline  # noqa: E402
-from rlhf_step import fresh_models, sync, trl_common, trl_train  # noqa: E402
+from rlhf_step import fresh_models, ppo_runner, trl_common, trl_train  # noqa: E402
 from minirlhf.config import format_config  # noqa: E402
 from minirlhf.device import set_precision, uses_bf16  # noqa: E402
-from minirlhf.distributed import Dist  # noqa: E402
-from minirlhf.graders import make_reward  # noqa: E402
 from minirlhf.model import GPT, GPTConfig  # noqa: E402
-from minirlhf.training import make_optimizer  # noqa: E402
 from minirlhf.world import World, world_tokenizer  # noqa: E402
 
 PROG = "benchmarks/ppo_vs_trl.py"
@@ -85,31 +78,6 @@ class BenchConfig:
             raise ValueError("--minibatches must divide --prompts × --samples")
 
 
-class NeverEnds:
-    """The tokenizer with end id -1: no response stops early, so every row is --new-tokens
-    long, as TRL's rows are without a stop token."""
-
-    def __init__(self, tok):
-        self.tok, self.end_id, self.pad_id = tok, -1, tok.pad_id
-
-    def __getattr__(self, name):
-        return getattr(self.tok, name)
-
-
-class PhaseClock:
-    """Seconds per phase, one entry per kept iteration."""
-
-    def __init__(self, device):
-        self.device, self.times = device, {}
-
-    def add(self, seconds: dict):
-        for name, s in {**seconds, "total": sum(seconds.values())}.items():
-            self.times.setdefault(name, []).append(s)
-
-    def medians(self) -> dict:
-        return {name: round(statistics.median(ts), 5) for name, ts in self.times.items()}
-
-
 def ppo_config(cfg: BenchConfig) -> train_ppo.PPOConfig:
     """train_ppo.py's defaults with this benchmark's work."""
     B = cfg.prompts * cfg.samples
@@ -121,30 +89,8 @@ def ppo_config(cfg: BenchConfig) -> train_ppo.PPOConfig:
 def ours_runner(model_cfg, prompts, tok, cfg, device, precision: str):
     """(step, clock): step(keep) runs one iteration of train_ppo.train's loop in `precision`:
     rollout -> compute_advantages -> ppo_update, the functions the script calls."""
-    policy, ref, reward_model, value_model = fresh_models(model_cfg, cfg.seed, device)
-    pcfg = ppo_config(cfg)
-    policy_opt = make_optimizer(policy, pcfg.lr, 0.0)
-    value_opt = make_optimizer(value_model, pcfg.value_lr, 0.0)
-    reward = make_reward("rm", reward_model=reward_model, device=device)
-    dist, never_ends = Dist(0, 1, device), NeverEnds(tok)
-    clock, its = PhaseClock(device), itertools.count()
-
-    def step(keep: bool):
-        set_precision(precision)
-        it = next(its)
-        sync(device)
-        ro = train_ppo.rollout(policy, policy, ref, reward, value_model, never_ends, prompts,
-                               pcfg, it, dist)
-        t0 = time.perf_counter()
-        adv, returns, value_mask = train_ppo.compute_advantages(ro, pcfg.kl_coef, pcfg, dist)
-        train_ppo.ppo_update(policy, value_model, policy_opt, value_opt, ro, adv, returns,
-                             value_mask, pcfg.kl_coef, pcfg, it, dist)
-        sync(device)
-        if keep:
-            clock.add({**ro.seconds, "update": time.perf_counter() - t0})
-        if ro.gen.response_mask.sum(-1).min() != cfg.new_tokens:
-            raise RuntimeError("a response ended early: the work would differ from TRL's")
-    return step, clock
+    return ppo_runner(model_cfg, prompts, tok, ppo_config(cfg), device,
+                      before_step=lambda: set_precision(precision))
 
 
 def time_trl_ppo(model_cfg, prompts, tok, cfg, device, out_dir, ours_step) -> dict:

@@ -11,10 +11,10 @@ sides do the same amount of work.
 
 Ours, built from the project's own functions (train_ppo.py, train_dpo.py, minirlhf/):
 - `ppo`: one iteration of train_ppo.py with its defaults (GAE with a value model, its --epochs
-  passes over minibatches of 32 of B = prompts × samples responses), in the phases of its loop:
-  generate | logprobs_values (π_θold, π_ref, V_ψ forwards) | score (r_φ) | advantages | update.
-  The loop body is restated here (train_ppo.train is one function), without logging and the
-  gold judge; keep the two in step.
+  passes over minibatches of 32 of B = prompts × samples responses), its own functions
+  `rollout`, `compute_advantages` and `ppo_update`, timed as generate | score (π_θold where not
+  from the sampler, π_ref, V_ψ and r_φ) | advantages | update; logging and the gold judge are
+  left out.
 - `rloo`: the same loop with `--advantage group --epochs 1 --minibatch-size B`: the RLOO baseline,
   no critic, one optimizer step per rollout — the configuration TRL's RLOOTrainer runs.
 - `dpo`: one train_dpo.py step on B pairs: policy_forward (chosen and rejected in one pass, and
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -68,10 +69,9 @@ from hf_twin import (hf_available, hf_lm, hf_scalar, hf_tokenizer, offline,  # n
                      prompt_text, same_ids)
 from minirlhf.config import format_config  # noqa: E402
 from minirlhf.device import autocast  # noqa: E402
-from minirlhf.masking import masked_whiten  # noqa: E402
+from minirlhf.distributed import Dist  # noqa: E402
+from minirlhf.graders import make_reward  # noqa: E402
 from minirlhf.model import GPT, GPTConfig, ScalarHeadModel  # noqa: E402
-from minirlhf.rl import gae, group_baseline_advantages, kl_k1  # noqa: E402
-from minirlhf.sampler import generate  # noqa: E402
 from minirlhf.training import make_optimizer, pad_batch  # noqa: E402
 from minirlhf.world import World, demonstration, world_tokenizer  # noqa: E402
 
@@ -149,80 +149,60 @@ def fresh_models(model_cfg, seed, device):
     return policy, ref, reward_model, value_model
 
 
-def ppo_iteration(models, opts, prompts, tok, cfg, mode, it, device, clock):
-    """One iteration of train_ppo.train's loop (see the module docstring), timed by phase."""
+class NeverEnds:
+    """The tokenizer with end id -1: no response stops early, so every row is --new-tokens long
+    (TRL's end token is banned by min_new_tokens)."""
+
+    def __init__(self, tok):
+        self.tok, self.end_id, self.pad_id = tok, -1, tok.pad_id
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def ppo_config(cfg, mode: str, n_prompts: int) -> train_ppo.PPOConfig:
+    """train_ppo.py's defaults with this benchmark's work and the mode's update schedule."""
+    m = MODES[mode]
+    return dataclasses.replace(
+        PPO, prompts_per_iter=n_prompts, samples_per_prompt=cfg.samples,
+        max_new_tokens=cfg.new_tokens, seed=cfg.seed, advantage=m["advantage"],
+        epochs=m["epochs"], minibatch_size=m["minibatch_size"] or n_prompts * cfg.samples)
+
+
+def ppo_iteration(models, opts, prompts, tok, pcfg, it, device, clock):
+    """One iteration of train_ppo.train's loop, its own three phases (without logging and the
+    gold judge), timed as generate | score (π_θold where not from the sampler, π_ref, V_ψ, r_φ)
+    | advantages | update."""
     policy, ref, reward_model, value_model = models
     policy_opt, value_opt = opts
-    m = MODES[mode]
-    use_critic = m["advantage"] != "group"
-    # 1. rollout (no grad)
-    with clock("generate"):
-        policy.eval()
-        gen = generate(policy, prompts, cfg.new_tokens, eos_id=-1, pad_id=tok.pad_id,
-                       temperature=PPO.temperature,
-                       generator=torch.Generator(device=device).manual_seed(cfg.seed + it))
-        policy.train()
-    tokens, attn_mask = gen.tokens, gen.attn_mask                                  # (B, T)
-    mask = gen.response_mask[:, 1:]                                                # (B, T-1)
-    with clock("logprobs_values"), torch.no_grad():
-        old_logp = train_ppo.per_token_logprobs(policy, tokens, attn_mask, device)  # (B, T-1)
-        ref_logp = train_ppo.per_token_logprobs(ref, tokens, attn_mask, device)     # (B, T-1)
-        old_values = (train_ppo.state_values(value_model, tokens, attn_mask, device)
-                      if use_critic else torch.zeros_like(old_logp))               # (B, T-1)
-    with clock("score"), torch.no_grad():
-        with autocast(device):
-            score = reward_model.score(tokens, attn_mask).float()                  # (B,)
-        score = score + PPO.no_end_penalty * (~gen.ended).float()
-    # 2. advantages
+    value_model = value_model if pcfg.critic else None
+    dist = Dist(0, 1, device)
+    reward = make_reward("rm", reward_model=reward_model, device=device)
+    sync(device)
+    ro = train_ppo.rollout(policy, policy, ref, reward, value_model, NeverEnds(tok), prompts,
+                           pcfg, it, dist)
+    if ro.gen.response_mask.sum(-1).min() != pcfg.max_new_tokens:
+        raise RuntimeError("a response ended early: the work would differ from TRL's")
+    clock.current.update(ro.seconds)
     with clock("advantages"):
-        beta = PPO.kl_coef
-        kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)                     # (B, T-1)
-        value_mask = mask
-        if use_critic:
-            rewards = -beta * kl
-            last = mask.long().cumsum(-1).argmax(-1)                               # (B,)
-            rewards[torch.arange(len(last)), last] += score
-            advantages, returns = gae(rewards, old_values, mask, PPO.gamma, PPO.lam)
-        else:
-            R = score - beta * kl.sum(-1)                                          # (B,)
-            A = group_baseline_advantages(R, cfg.samples)
-            returns = torch.zeros_like(old_values)
-            value_mask = torch.zeros_like(mask)
-            advantages = torch.where(mask, A[:, None].expand_as(old_logp), 0.0)    # (B, T-1)
-        advantages = masked_whiten(advantages, mask)
-    # 3. update
+        advantages, returns, value_mask = train_ppo.compute_advantages(ro, pcfg.kl_coef, pcfg,
+                                                                       dist)
     with clock("update"):
-        B = tokens.shape[0]
-        g = torch.Generator().manual_seed(cfg.seed + it)
-        for _ in range(m["epochs"]):
-            for mb in torch.randperm(B, generator=g).split(m["minibatch_size"] or B):
-                mb = mb.to(device)
-                logp, entropy = train_ppo.per_token_logprobs(policy, tokens[mb], attn_mask[mb],
-                                                             device, with_entropy=True)
-                values = (train_ppo.state_values(value_model, tokens[mb], attn_mask[mb], device)
-                          if use_critic else torch.zeros_like(logp))
-                loss, _ = train_ppo.ppo_loss(logp, old_logp[mb], advantages[mb], values,
-                                             old_values[mb], returns[mb], mask[mb], entropy,
-                                             PPO.clip_eps, PPO.vf_coef, PPO.ent_coef,
-                                             PPO.value_clip, value_mask[mb])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), PPO.grad_clip)
-                policy_opt.step()
-                policy_opt.zero_grad(set_to_none=True)
-                if use_critic:
-                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), PPO.grad_clip)
-                    value_opt.step()
-                    value_opt.zero_grad(set_to_none=True)
+        train_ppo.ppo_update(policy, value_model, policy_opt, value_opt, ro, advantages, returns,
+                             value_mask, pcfg.kl_coef, pcfg, it, dist)
 
 
-def ppo_runner(model_cfg, prompts, tok, cfg, mode, device):
-    """(step, clock): step(keep) runs one PPO iteration, its phases timed into clock."""
-    models = fresh_models(model_cfg, cfg.seed, device)
-    opts = make_optimizer(models[0], PPO.lr, 0.0), make_optimizer(models[3], PPO.value_lr, 0.0)
+def ppo_runner(model_cfg, prompts, tok, pcfg, device, before_step=None):
+    """(step, clock): step(keep) runs one PPO iteration of `pcfg` on the prompt texts, its phases
+    timed into clock; `before_step()` runs first each time (ppo_vs_trl.py sets a precision)."""
+    models = fresh_models(model_cfg, pcfg.seed, device)
+    opts = make_optimizer(models[0], pcfg.lr, 0.0), make_optimizer(models[3], pcfg.value_lr, 0.0)
     clock, its = PhaseClock(device), itertools.count()
 
     def step(keep: bool):
-        ppo_iteration(models, opts, prompts, tok, cfg, mode, next(its), device, clock)
+        if before_step is not None:
+            before_step()
+        ppo_iteration(models, opts, prompts, tok, pcfg, next(its), device, clock)
         clock.end_iteration(keep)
     return step, clock
 
@@ -394,7 +374,6 @@ def main(argv=None):
     if max(len(tok.render_prompt(p)) for p in prompts) + cfg.new_tokens > model_cfg.block_size:
         fail(PROG, f"--new-tokens {cfg.new_tokens} leaves no room for the prompts in "
                    f"block_size {model_cfg.block_size}")
-    batch_prompts = [tok.render_prompt(p) for p in prompts for _ in range(cfg.samples)]
     picked = [world.train_prompts[i]
               for i in rng.integers(len(world.train_prompts), size=cfg.pairs)]
     rows = [{"prompt": p.text, "chosen": demonstration(p, rng), "rejected": demonstration(p, rng)}
@@ -402,7 +381,8 @@ def main(argv=None):
     pairs = train_dpo.encode_pairs(rows, tok)
     dpo_tokens = sum(len(c) + len(r) for c, r, _ in pairs)  # real tokens of one DPO step
 
-    runners = {mode: ppo_runner(model_cfg, batch_prompts, tok, cfg, mode, device)
+    runners = {mode: ppo_runner(model_cfg, prompts, tok, ppo_config(cfg, mode, len(prompts)),
+                                device)
                for mode in MODES}
     runners["dpo"] = dpo_runner(model_cfg, pairs, tok, cfg, device)
     run_alone(runners["ppo"][0], cfg.warmup + cfg.iterations, cfg.warmup)  # no TRL twin

@@ -24,15 +24,16 @@ def test_our_iteration_runs_the_scripts_phases_on_fixed_length_responses():
     step(True)
     step(True)
     times = clock.times
-    assert set(times) == {"generate", "score", "update", "total"}
+    assert set(times) == {"generate", "score", "advantages", "update", "total"}
     assert all(len(v) == 2 and min(v) > 0 for v in times.values())
     pcfg = ppo_vs_trl.ppo_config(cfg)
     assert (pcfg.epochs, pcfg.minibatch_size, pcfg.max_new_tokens) == (2, 2, 5)
 
 
 def test_never_ends_keeps_the_tokenizer_but_its_end_id():
+    from rlhf_step import NeverEnds
     tok = world_tokenizer(512)
-    never = ppo_vs_trl.NeverEnds(tok)
+    never = NeverEnds(tok)
     assert never.end_id == -1 and never.pad_id == tok.pad_id
     assert never.render_prompt("Hi?") == tok.render_prompt("Hi?")
 
