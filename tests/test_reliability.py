@@ -826,7 +826,8 @@ NAN_CASES = [  # (stage, patch target, name, counted call, quantity, bad step, v
     ("rm", torch.nn.utils, "clip_grad_norm_", 5, "grad_norm", 5, "inf"),
     ("dpo", train_dpo, "dpo_loss", 5, "loss", 5, "nan"),
     ("dpo", torch.nn.utils, "clip_grad_norm_", 5, "grad_norm", 5, "inf"),
-    ("ppo", ScalarHeadModel, "score", 3, "proxy_reward", 3, "nan"),  # the 3rd rollout's scores
+    # r_φ scores a rollout in 4 length-sorted groups (training.by_length): the 3rd rollout's first
+    ("ppo", ScalarHeadModel, "score", 2 * 4 + 1, "proxy_reward", 3, "nan"),
     ("ppo", train_ppo, "ppo_loss", 2 * 4 + 1, "loss", 3, "nan"),
     ("ppo", torch.nn.utils, "clip_grad_norm_", 2 * 8 + 1, "policy_grad_norm", 3, "inf"),
     ("ppo", torch.nn.utils, "clip_grad_norm_", 2 * 8 + 2, "value_grad_norm", 3, "inf"),
