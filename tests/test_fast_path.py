@@ -227,11 +227,9 @@ def test_pad_batch_rounds_lengths_under_bf16_only(precision, name, width):
     assert (tokens[:, 11:] == 0).all()
 
 
-@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
-def test_ppo_update_without_the_entropy_in_the_graph_takes_the_same_steps(ent_coef):
-    """With c2 = 0 the update keeps the entropy out of the autograd graph (a statistic only): the
-    same weights, value model and statistics as the reference path that backpropagates through
-    it, bit for bit; with c2 ≠ 0 it stays in the graph, and the bonus moves the weights."""
+def tiny_ppo_rollout(**cfg_kw):
+    """A one-layer world GPT's PPO rollout (2 responses per prompt, verifier reward) and its
+    advantages: (policy, value model, dist, cfg, rollout, advantages, returns, value mask)."""
     import copy
 
     import train_ppo
@@ -245,12 +243,24 @@ def test_ppo_update_without_the_entropy_in_the_graph_takes_the_same_steps(ent_co
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     value = ScalarHeadModel.from_gpt(policy)
     dist = Dist(0, 1, torch.device("cpu"))
-    cfg = train_ppo.PPOConfig(prompts_per_iter=4, samples_per_prompt=2, max_new_tokens=16,
-                              minibatch_size=4, reward="verifier", ent_coef=ent_coef)
+    cfg = train_ppo.PPOConfig(samples_per_prompt=2, max_new_tokens=16, reward="verifier",
+                              **cfg_kw)
     prompts = [p.text for p in World(0).train_prompts]
     ro = train_ppo.rollout(policy, policy, ref, make_reward("verifier"), value, tok, prompts,
                            cfg, 0, dist)
-    advantages, returns, value_mask = train_ppo.compute_advantages(ro, 0.2, cfg, dist)
+    return (policy, value, dist, cfg, ro) + train_ppo.compute_advantages(ro, 0.2, cfg, dist)
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
+def test_ppo_update_without_the_entropy_in_the_graph_takes_the_same_steps(ent_coef):
+    """With c2 = 0 the update keeps the entropy out of the autograd graph (a statistic only): the
+    same weights, value model and statistics as the reference path that backpropagates through
+    it, bit for bit; with c2 ≠ 0 it stays in the graph, and the bonus moves the weights."""
+    import copy
+
+    import train_ppo
+    policy, value, dist, cfg, ro, advantages, returns, value_mask = tiny_ppo_rollout(
+        prompts_per_iter=4, minibatch_size=4, ent_coef=ent_coef)
 
     def update(entropy_grad):
         p, v = copy.deepcopy(policy), copy.deepcopy(value)
@@ -344,24 +354,10 @@ def test_ppo_update_on_the_live_columns_takes_the_reference_steps(precision, mon
     import copy
 
     import train_ppo
-    from minirlhf.distributed import Dist
-    from minirlhf.graders import make_reward
     from minirlhf.training import live_columns
-    from minirlhf.world import World, world_tokenizer
     precision("fp32")
-    tok = world_tokenizer(512)
-    torch.manual_seed(0)
-    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
-                           n_embd=32))
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    value = ScalarHeadModel.from_gpt(policy)
-    dist = Dist(0, 1, torch.device("cpu"))
-    cfg = train_ppo.PPOConfig(prompts_per_iter=8, samples_per_prompt=2, max_new_tokens=16,
-                              minibatch_size=2, reward="verifier")
-    prompts = [p.text for p in World(0).train_prompts]
-    ro = train_ppo.rollout(policy, policy, ref, make_reward("verifier"), value, tok, prompts,
-                           cfg, 0, dist)
-    advantages, returns, value_mask = train_ppo.compute_advantages(ro, 0.2, cfg, dist)
+    policy, value, dist, cfg, ro, advantages, returns, value_mask = tiny_ppo_rollout(
+        prompts_per_iter=8, minibatch_size=2)
     widths = []
 
     def update(columns):
