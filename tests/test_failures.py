@@ -572,19 +572,6 @@ PPO_FLAGS = {  # case -> (flags, the message after "train_ppo.py: error: ")
 }
 
 
-@pytest.mark.parametrize("case", PPO_FLAGS)
-def test_a_reward_or_grpo_flag_that_cannot_work_is_refused_before_any_work(tmp_path, capsys,
-                                                                           inputs, case):
-    """train_ppo.py's --reward, --verifier, --advantage grpo, --kl-in and --no-group-std in a
-    combination that cannot work: one line naming the flags, exit 2, OUT not created."""
-    flags, message = PPO_FLAGS[case]
-    out = str(tmp_path / "out")
-    err = one_line(capsys, train_ppo, base_flags("ppo", inputs) + flags + ["--out", out],
-                   "train_ppo.py", 2)
-    assert err == f"train_ppo.py: error: {message}\n"
-    assert not os.path.exists(out)
-
-
 DPO_FLAGS = {  # case -> (flags, the message after "train_dpo.py: error: ")
     "no rounds": (["--rounds", "0"], "--rounds must be positive"),
     "a round of no steps": (["--round-steps", "0"], "--round-steps must be positive"),
@@ -603,17 +590,23 @@ DPO_FLAGS = {  # case -> (flags, the message after "train_dpo.py: error: ")
 }
 
 
-@pytest.mark.parametrize("case", DPO_FLAGS)
-def test_an_online_dpo_flag_that_cannot_work_is_refused_before_any_work(tmp_path, capsys,
-                                                                         inputs, case):
-    """train_dpo.py's --rounds, --round-steps, --round-samples and --labeller out of range or
-    naming no judge: one line naming the flag, exit 2, OUT not created."""
-    flags, message = DPO_FLAGS[case]
+REFUSED_FLAGS = [("ppo", case) for case in PPO_FLAGS] + [("dpo", case) for case in DPO_FLAGS]
+
+
+@pytest.mark.parametrize("stage, case", REFUSED_FLAGS, ids=[f"{s} {c}" for s, c in REFUSED_FLAGS])
+def test_a_flag_combination_that_cannot_work_is_refused_before_any_work(tmp_path, capsys,
+                                                                        inputs, stage, case):
+    """train_ppo.py's --reward, --verifier, --advantage grpo, --kl-in and --no-group-std, and
+    train_dpo.py's --rounds, --round-steps, --round-samples and --labeller, in a combination
+    that cannot work (out of range, naming no judge): one line naming the flags, exit 2, OUT
+    not created."""
+    module, table = (train_ppo, PPO_FLAGS) if stage == "ppo" else (train_dpo, DPO_FLAGS)
+    flags, message = table[case]
     out = str(tmp_path / "out")
     flags = [f.format(**inputs) for f in flags]
-    err = one_line(capsys, train_dpo, base_flags("dpo", inputs) + flags + ["--out", out],
-                   "train_dpo.py", 2)
-    assert err == f"train_dpo.py: error: {message.format(**inputs)}\n"
+    prog = f"train_{stage}.py"
+    err = one_line(capsys, module, base_flags(stage, inputs) + flags + ["--out", out], prog, 2)
+    assert err == f"{prog}: error: {message.format(**inputs)}\n"
     assert not os.path.exists(out)
 
 
